@@ -1,0 +1,72 @@
+"""broker: reliable message streams over Redis Streams, as async iterators.
+
+Example::
+
+    import broker
+
+    async with broker.connect() as b:
+        orders = b.channel("orders")
+        await orders.publish({"id": 1})
+        async with orders.subscribe(group="billing") as messages:
+            async for msg in messages:
+                print(msg.data)
+                msg.ack()
+"""
+
+from ._broker import Broker, connect
+from ._channel import Channel, ChannelInfo, DeadLetter, GroupInfo
+from ._codec import Codec, JsonCodec, MsgpackCodec, RawCodec
+from ._errors import (
+    AuthenticationError,
+    BrokerError,
+    ChannelError,
+    ChannelFullError,
+    ClosedError,
+    ConfigurationError,
+    ConnectionLostError,
+    DecodeError,
+    GroupMissingError,
+    RedisCommandError,
+    WrongTypeError,
+)
+from ._message import Message
+from ._publisher import PublisherStatistics
+from ._server import EmbeddedServer, ServerNotFoundError
+from ._settings import Settings
+from ._subscription import Subscription, SubscriptionStatistics
+from ._tail import Tail
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "Broker",
+    "BrokerError",
+    "Channel",
+    "ChannelError",
+    "ChannelFullError",
+    "ChannelInfo",
+    "ClosedError",
+    "Codec",
+    "ConfigurationError",
+    "ConnectionLostError",
+    "DeadLetter",
+    "DecodeError",
+    "EmbeddedServer",
+    "GroupInfo",
+    "GroupMissingError",
+    "JsonCodec",
+    "Message",
+    "MsgpackCodec",
+    "PublisherStatistics",
+    "RawCodec",
+    "RedisCommandError",
+    "ServerNotFoundError",
+    "Settings",
+    "Subscription",
+    "SubscriptionStatistics",
+    "Tail",
+    "WrongTypeError",
+    "__version__",
+    "connect",
+]

@@ -1,0 +1,227 @@
+"""``connect()``: the broker handle that owns the connections and the publish batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ._codec import Codec
+from ._errors import ClosedError, ConnectionLostError, map_redis_errors
+from ._names import channel_from_key
+from ._publisher import Publisher
+from ._retry import retrying
+from ._settings import Settings
+
+if TYPE_CHECKING:
+    from ._channel import Channel
+    from ._subscription import Subscription
+    from ._tail import Tail
+
+__all__ = ["Broker", "connect"]
+
+log = logging.getLogger("broker")
+
+
+def connect(url: str | None = None, **options: Any) -> Broker:
+    """Open a broker: ``async with connect("redis://host:6379/0") as broker: ...``.
+
+    ``url`` falls back to ``$BROKER_URL``, then ``redis://localhost:6379/0``; ``rediss://`` (TLS),
+    ``unix://`` and ``user:password@`` (ACL) work. ``options`` are :class:`Settings` fields
+    (``namespace``, ``reconnect_deadline``, ...) and the publish batcher's ``linger``,
+    ``max_batch`` and ``max_queue``.
+
+    :raises ConfigurationError: on a bad URL or option (at the call).
+    :raises ConnectionLostError: on entering, if the server cannot be reached.
+    """
+    publisher = {k: options.pop(k) for k in ("linger", "max_batch", "max_queue") if k in options}
+    return Broker(Settings.from_url(url, **options), **publisher)
+
+
+class Broker:
+    """A connection pool, a publish batcher and a factory of channels and subscriptions."""
+
+    def __init__(self, settings: Settings, **publisher_options: Any) -> None:
+        self.settings = settings
+        self._publisher_options = publisher_options
+        self._redis: aioredis.Redis | None = None
+        self._publisher: Publisher | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._publisher_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Broker {self.settings.safe_url} namespace={self.settings.namespace!r}>"
+
+    async def __aenter__(self) -> Broker:
+        if self._stack is not None or self._closed:
+            raise ClosedError("a Broker can be entered once; call connect() again")
+        s = self.settings
+        with map_redis_errors():
+            self._redis = aioredis.Redis.from_url(
+                s.url,
+                decode_responses=False,
+                socket_connect_timeout=s.connect_timeout,
+                # a dead peer must not hang a read forever; blocking reads stay far below this
+                socket_timeout=max(15.0, 3 * s.connect_timeout),
+                socket_keepalive=True,
+                health_check_interval=15,
+                # reconnects are ours: after one, subscriptions replay their pending entries
+                retry=Retry(NoBackoff(), 0),
+                client_name="broker-py",
+            )
+        stack = contextlib.AsyncExitStack()
+        try:
+            stack.push_async_callback(self._redis.aclose)
+            try:
+                with map_redis_errors():
+                    await self._redis.ping()
+            except ConnectionLostError as exc:
+                raise type(exc)(f"cannot connect to {s.safe_url}: {_cause(exc)}") from exc.__cause__
+            self._publisher = Publisher(
+                self._redis, reconnect_deadline=s.reconnect_deadline, **self._publisher_options
+            )
+            self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            self._publisher_task = self._tasks.create_task(
+                self._publisher.run(), name="broker-publisher"
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Flush queued publishes, stop the batcher and close every connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        if self._publisher_task is not None:
+            self._publisher_task.cancel()  # its finally block sends what is still queued
+        await stack.aclose()
+
+    # -- internal accessors -------------------------------------------------------------------
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The underlying redis-py client (for advanced use; keys follow the wire format)."""
+        if self._redis is None or self._closed:
+            raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
+        return self._redis
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None or self._closed:
+            raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
+        return self._publisher
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.namespace
+
+    async def call(self, fn: Any, channel: str | None = None) -> Any:
+        """Run one redis call with reconnects until the deadline and errors mapped."""
+        return await retrying(fn, self.settings.reconnect_deadline, channel)
+
+    # -- factories ----------------------------------------------------------------------------
+
+    def channel(
+        self,
+        name: str,
+        *,
+        codec: str | Codec = "msgpack",
+        maxlen: int | None = None,
+        max_age: float | None = None,
+        max_lag: int | None = None,
+        on_full: Literal["wait", "raise"] = "wait",
+        full_timeout: float | None = None,
+    ) -> Channel[Any]:
+        """A channel by name (cheap; nothing is sent until used).
+
+        ``maxlen`` keeps about that many entries (``MAXLEN ~``); ``max_age`` (seconds) trims
+        older entries (``MINID ~``); ``max_lag`` makes it a bounded channel: ``publish`` waits
+        (or raises :class:`ChannelFullError` with ``on_full="raise"``) while the slowest group
+        is more than ``max_lag`` entries behind.
+
+        :raises ConfigurationError: on an invalid name or option.
+        """
+        from ._channel import Channel
+
+        return Channel(
+            self,
+            name,
+            codec=codec,
+            maxlen=maxlen,
+            max_age=max_age,
+            max_lag=max_lag,
+            on_full=on_full,
+            full_timeout=full_timeout,
+        )
+
+    def subscribe(
+        self, channels: str | Channel[Any] | Sequence[str | Channel[Any]], **options: Any
+    ) -> Subscription[Any]:
+        """Subscribe to one or more channels as a group member (one ``XREADGROUP`` for all).
+
+        See :class:`Subscription` for ``group``, ``consumer`` and the other options.
+        """
+        from ._subscription import Subscription
+
+        return Subscription(self, self._channels(channels), **options)
+
+    def tail(
+        self, channels: str | Channel[Any] | Sequence[str | Channel[Any]], **options: Any
+    ) -> Tail:
+        """Read channels without a group: nothing is acked, nothing becomes pending.
+
+        See :class:`Tail` for the start positions.
+        """
+        from ._tail import Tail
+
+        return Tail(self, self._channels(channels), **options)
+
+    async def channels(self) -> list[str]:
+        """Names of the channels that exist in this namespace (by ``SCAN``, no ``KEYS``)."""
+        found: set[str] = set()
+        pattern = f"{self.namespace}:{{*}}"
+
+        async def scan() -> None:
+            async for key in self.redis.scan_iter(match=pattern, count=500, _type="stream"):
+                name = channel_from_key(self.namespace, key.decode(errors="replace"))
+                if name is not None:
+                    found.add(name)
+
+        await self.call(scan)
+        return sorted(found)
+
+    def _channels(self, channels: str | Channel[Any] | Iterable[str | Channel[Any]]) -> list[Channel[Any]]:
+        from ._channel import Channel
+
+        if isinstance(channels, str | Channel):
+            channels = [channels]
+        out = [c if isinstance(c, Channel) else self.channel(c) for c in channels]
+        if not out:
+            raise ValueError("give at least one channel")
+        if len({c.name for c in out}) != len(out):
+            raise ValueError(f"channels repeat: {[c.name for c in out]}")
+        return out
+
+
+def _cause(exc: BaseException) -> str:
+    return str(exc.__cause__ or exc)

@@ -1,0 +1,135 @@
+"""The error tree of the library, and the one place where Redis errors are translated.
+
+::
+
+    BrokerError
+    ├── ConfigurationError          bad URL, bad option, bad channel name (also a ValueError)
+    ├── ConnectionLostError         the server stayed unreachable past the reconnect deadline
+    │   └── AuthenticationError     wrong user or password (never retried)
+    ├── ChannelError                carries .channel
+    │   ├── GroupMissingError       the stream or the consumer group was deleted under a subscription
+    │   ├── WrongTypeError          the key under the channel's name is not a stream
+    │   └── DecodeError             a payload could not be decoded (carries .message_id)
+    ├── ChannelFullError            a bounded channel stayed over its lag limit (publish with on_full="raise")
+    ├── ClosedError                 the broker, subscription or publisher was used after it was closed
+    └── RedisCommandError           any other error the server answered with
+
+Every error raised by ``broker`` is a ``BrokerError``; errors of redis-py never leak out of the
+library, they are mapped by :func:`map_redis_errors` with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import redis.exceptions as rex
+
+__all__ = [
+    "AuthenticationError",
+    "BrokerError",
+    "ChannelError",
+    "ChannelFullError",
+    "ClosedError",
+    "ConfigurationError",
+    "ConnectionLostError",
+    "DecodeError",
+    "GroupMissingError",
+    "RedisCommandError",
+    "WrongTypeError",
+    "map_redis_errors",
+]
+
+
+class BrokerError(Exception):
+    """Root of every error raised by the library."""
+
+
+class ConfigurationError(BrokerError, ValueError):
+    """A URL, an option or a name is invalid; the message says what a valid one looks like."""
+
+
+class ConnectionLostError(BrokerError):
+    """The server could not be reached (after retrying until the reconnect deadline)."""
+
+
+class AuthenticationError(ConnectionLostError):
+    """The server refused the username or password."""
+
+
+class ChannelError(BrokerError):
+    """An error about one channel."""
+
+    def __init__(self, message: str, *, channel: str | None = None) -> None:
+        super().__init__(message)
+        self.channel = channel
+
+
+class GroupMissingError(ChannelError):
+    """The stream or the consumer group of a running subscription no longer exists."""
+
+    def __init__(self, channel: str, group: str) -> None:
+        super().__init__(
+            f"consumer group {group!r} of channel {channel!r} no longer exists "
+            "(the stream or the group was deleted); subscribe again to recreate it",
+            channel=channel,
+        )
+        self.group = group
+
+
+class WrongTypeError(ChannelError):
+    """The key behind a channel holds something other than a stream."""
+
+    def __init__(self, channel: str | None, key: str | None = None) -> None:
+        where = f"key {key!r}" if key else "the channel's key"
+        super().__init__(
+            f"{where} of channel {channel!r} is not a Redis stream; "
+            "pick another channel name or --namespace, or delete that key",
+            channel=channel,
+        )
+
+
+class DecodeError(ChannelError):
+    """A payload could not be decoded by the channel's codec."""
+
+    def __init__(self, reason: str, *, channel: str | None = None, message_id: str | None = None):
+        where = f" (channel {channel!r}, id {message_id})" if channel or message_id else ""
+        super().__init__(f"cannot decode payload{where}: {reason}", channel=channel)
+        self.reason = reason
+        self.message_id = message_id
+
+
+class ChannelFullError(ChannelError):
+    """A bounded channel's slowest group lagged more than the limit for longer than the wait."""
+
+
+class ClosedError(BrokerError):
+    """An object was used after it was closed."""
+
+
+class RedisCommandError(BrokerError):
+    """The server answered a command with an error that has no more specific class."""
+
+
+@contextlib.contextmanager
+def map_redis_errors(channel: str | None = None) -> Iterator[None]:
+    """Translate redis-py exceptions raised inside the block into the ``BrokerError`` tree."""
+    try:
+        yield
+    except rex.AuthenticationError as exc:
+        raise AuthenticationError(
+            f"authentication failed: {exc}; check the username and password in the URL"
+        ) from exc
+    except rex.ResponseError as exc:
+        text = str(exc)
+        if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
+            raise AuthenticationError(
+                f"authentication failed: {text}; check the username and password in the URL"
+            ) from exc
+        if text.startswith("WRONGTYPE"):
+            raise WrongTypeError(channel) from exc
+        raise RedisCommandError(text) from exc
+    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        raise ConnectionLostError(f"cannot reach the server: {exc}") from exc
+    except rex.RedisError as exc:
+        raise RedisCommandError(str(exc)) from exc

@@ -1,0 +1,75 @@
+"""The message handed to applications."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from ._subscription import Subscription
+
+__all__ = ["Message", "id_to_datetime", "id_to_ms"]
+
+T = TypeVar("T")
+
+
+def id_to_ms(entry_id: str) -> int:
+    """The millisecond part of a stream entry id."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def id_to_datetime(entry_id: str) -> datetime:
+    """The time (UTC) at which an entry was added, from its id."""
+    return datetime.fromtimestamp(id_to_ms(entry_id) / 1000, tz=UTC)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Message(Generic[T]):
+    """One entry of a channel.
+
+    ``data`` is the decoded payload, or for a foreign entry (written without the ``d`` field, e.g.
+    by ``redis-cli XADD``) a dict of its fields. ``deliveries`` counts how often the group handed
+    this entry out (1 on first delivery). ``error`` is set only by read-only tails, when the
+    payload could not be decoded (``data`` is then the raw fields).
+    """
+
+    id: str
+    channel: str
+    data: T
+    headers: dict[str, str]
+    deliveries: int = 1
+    foreign: bool = False
+    error: str | None = None
+    fields: dict[bytes, bytes] = dataclasses.field(default_factory=dict, repr=False)
+    _subscription: Subscription[Any] | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def timestamp(self) -> datetime:
+        """When the entry was added (from its id), in UTC."""
+        return id_to_datetime(self.id)
+
+    def ack(self) -> None:
+        """Acknowledge: the group will not deliver this message again.
+
+        Acks are batched (one ``XACK`` per channel per round trip) and flushed before the
+        subscription closes; ``await subscription.flush()`` waits until they reached the server.
+
+        :raises TypeError: if the message came from a read-only tail.
+        """
+        self._owner().ack(self)
+
+    def nack(self, delay: float | None = None, error: BaseException | str | None = None) -> None:
+        """Reject: deliver again after ``delay`` seconds (default: exponential backoff).
+
+        After the subscription's ``max_deliveries`` the message moves to the dead-letter stream
+        with ``error`` instead, and the original is acked in the same atomic step.
+        """
+        self._owner().nack(self, delay=delay, error=error)
+
+    def _owner(self) -> Subscription[Any]:
+        if self._subscription is None:
+            raise TypeError(
+                "this message came from a read-only tail; subscribe with a group to ack or nack"
+            )
+        return self._subscription

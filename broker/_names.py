@@ -1,0 +1,64 @@
+"""Channel names and the Redis keys derived from them (the wire format's key layout)."""
+
+from __future__ import annotations
+
+import re
+
+from ._errors import ConfigurationError
+
+__all__ = ["channel_key", "check_channel", "check_group", "dead_key", "semaphore_key"]
+
+MAX_NAME = 200
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:/@+=\-]+$")
+_ALLOWED = "letters, digits and _ . : / @ + = -"
+
+
+def _check(kind: str, name: object) -> str:
+    if not isinstance(name, str):
+        raise ConfigurationError(f"{kind} name must be a str, got {type(name).__name__}")
+    if not 1 <= len(name) <= MAX_NAME:
+        raise ConfigurationError(f"{kind} name must be 1-{MAX_NAME} characters, got {len(name)}")
+    if not _NAME_RE.match(name):
+        raise ConfigurationError(
+            f"invalid {kind} name {name!r}: use only {_ALLOWED} (no braces, no whitespace)"
+        )
+    return name
+
+
+def check_channel(name: object) -> str:
+    """Return ``name`` if it is a valid channel name.
+
+    :raises ConfigurationError: if it is empty, too long, or has braces, whitespace or other
+        characters outside letters, digits and ``_ . : / @ + = -``.
+    """
+    return _check("channel", name)
+
+
+def check_group(name: object) -> str:
+    """Return ``name`` if it is a valid group or consumer name (same rules as channels)."""
+    return _check("group", name)
+
+
+def channel_key(namespace: str, channel: str) -> str:
+    """``<namespace>:{<channel>}``: the braces are a Cluster hash tag shared by companion keys."""
+    return f"{namespace}:{{{channel}}}"
+
+
+def dead_key(namespace: str, channel: str) -> str:
+    """The channel's dead-letter stream (same hash slot as the channel)."""
+    return f"{namespace}:{{{channel}}}:dead"
+
+
+def semaphore_key(namespace: str, channel: str, group: str) -> str:
+    """The lease set of a group-wide concurrency limit (same hash slot as the channel)."""
+    return f"{namespace}:{{{channel}}}:sem:{group}"
+
+
+def channel_from_key(namespace: str, key: str) -> str | None:
+    """Inverse of :func:`channel_key`; None when ``key`` is not a channel key of ``namespace``."""
+    prefix = f"{namespace}:{{"
+    if key.startswith(prefix) and key.endswith("}"):
+        name = key[len(prefix) : -1]
+        if _NAME_RE.match(name):
+            return name
+    return None

