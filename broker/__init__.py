@@ -14,7 +14,7 @@ Example::
 """
 
 from ._broker import Broker, connect
-from ._channel import Channel, ChannelInfo, DeadLetter, GroupInfo
+from ._channel import Channel, ChannelInfo, ConsumerInfo, DeadLetter, GroupInfo, PendingEntry
 from ._codec import Codec, JsonCodec, MsgpackCodec, RawCodec
 from ._errors import (
     AuthenticationError,
@@ -50,6 +50,7 @@ __all__ = [
     "Codec",
     "ConfigurationError",
     "ConnectionLostError",
+    "ConsumerInfo",
     "DeadLetter",
     "DecodeError",
     "EmbeddedServer",
@@ -58,6 +59,7 @@ __all__ = [
     "JsonCodec",
     "Message",
     "MsgpackCodec",
+    "PendingEntry",
     "PublisherStatistics",
     "RawCodec",
     "RedisCommandError",

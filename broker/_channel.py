@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._codec import Codec, get_codec, pack_headers
-from ._errors import ChannelFullError, ConfigurationError
-from ._names import channel_key, check_channel, dead_key
+from ._errors import ChannelFullError, ConfigurationError, GroupMissingError, RedisCommandError
+from ._names import channel_key, check_channel, check_group, dead_key
 from ._publisher import XAdd, send_batch
 from ._scripts import REPLAY_DEAD
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ._subscription import Subscription
     from ._tail import Tail
 
-__all__ = ["Channel", "ChannelInfo", "DeadLetter", "GroupInfo"]
+__all__ = ["Channel", "ChannelInfo", "ConsumerInfo", "DeadLetter", "GroupInfo", "PendingEntry"]
 
 T = TypeVar("T")
 DEAD_PREFIX = b"dead."
@@ -44,6 +44,21 @@ class ChannelInfo:
     last_id: str | None
     groups: list[GroupInfo]
     dead_letters: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingEntry:
+    id: str
+    consumer: str
+    idle: float  # seconds since last delivery
+    deliveries: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerInfo:
+    name: str
+    pending: int
+    idle: float  # seconds since the consumer last read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +290,65 @@ class Channel(Generic[T]):
 
         return int(await self.broker.call(measure, self.name))
 
+    # -- groups -------------------------------------------------------------------------------
+
+    async def create_group(self, group: str, start: str = "new") -> bool:
+        """Create ``group`` (and the stream); False if it existed. ``start``: new, all or an id."""
+        check_group(group)
+        pos = _start_id(start)
+
+        async def create() -> bool:
+            try:
+                await self.broker.redis.xgroup_create(self.key, group, id=pos, mkstream=True)
+            except Exception as exc:
+                if str(exc).startswith("BUSYGROUP"):
+                    return False
+                raise
+            return True
+
+        return bool(await self.broker.call(create, self.name))
+
+    async def reset_group(self, group: str, start: str = "new") -> None:
+        """Move ``group``'s position (``XGROUP SETID``); pending entries stay pending."""
+        pos = _start_id(start)
+        await self._group_call(group, lambda: self.broker.redis.xgroup_setid(self.key, group, pos))
+
+    async def delete_group(self, group: str) -> bool:
+        """Delete ``group`` and its pending list; False if there was no such group."""
+        return bool(
+            await self.broker.call(lambda: self.broker.redis.xgroup_destroy(self.key, group), self.name)
+        )
+
+    async def consumers(self, group: str) -> list[ConsumerInfo]:
+        rows = await self._group_call(group, lambda: self.broker.redis.xinfo_consumers(self.key, group))
+        return [ConsumerInfo(_s(c["name"]), int(c["pending"]), int(c["idle"]) / 1000) for c in rows]
+
+    async def pending(
+        self, group: str, count: int = 100, consumer: str | None = None
+    ) -> list[PendingEntry]:
+        """The oldest ``count`` pending entries of ``group`` (optionally of one consumer)."""
+        rows = await self._group_call(
+            group,
+            lambda: self.broker.redis.xpending_range(
+                self.key, group, min="-", max="+", count=count, consumername=consumer
+            ),
+        )
+        return [
+            PendingEntry(
+                _s(r["message_id"]), _s(r["consumer"]), int(r["time_since_delivered"]) / 1000,
+                int(r["times_delivered"]),
+            )
+            for r in rows
+        ]
+
+    async def _group_call(self, group: str, fn: Any) -> Any:
+        try:
+            return await self.broker.call(fn, self.name)
+        except RedisCommandError as exc:
+            if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
+                raise GroupMissingError(self.name, group) from exc
+            raise
+
     # -- dead letters -------------------------------------------------------------------------
 
     async def dead_letters(self, count: int = 100, start: str = "-") -> list[DeadLetter]:
@@ -336,3 +410,13 @@ class Channel(Generic[T]):
 
 def _s(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _start_id(start: str) -> str:
+    if start in ("new", "$"):
+        return "$"
+    if start in ("all", "beginning", "0"):
+        return "0"
+    from ._tail import parse_position
+
+    return parse_position(start)
