@@ -30,9 +30,11 @@ from ._errors import (
     WrongTypeError,
 )
 from ._message import Message
+from ._ops import chunks, for_each_concurrent, map_concurrent, merge
 from ._publisher import PublisherStatistics
 from ._server import EmbeddedServer, ServerNotFoundError
 from ._settings import Settings
+from ._stop import RemoteStopSource, RemoteStopToken, StopSource, StopToken
 from ._subscription import Subscription, SubscriptionStatistics
 from ._tail import Tail
 
@@ -63,12 +65,20 @@ __all__ = [
     "PublisherStatistics",
     "RawCodec",
     "RedisCommandError",
+    "RemoteStopSource",
+    "RemoteStopToken",
     "ServerNotFoundError",
     "Settings",
+    "StopSource",
+    "StopToken",
     "Subscription",
     "SubscriptionStatistics",
     "Tail",
     "WrongTypeError",
     "__version__",
+    "chunks",
     "connect",
+    "for_each_concurrent",
+    "map_concurrent",
+    "merge",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,6 +22,8 @@ from ._settings import Settings
 
 if TYPE_CHECKING:
     from ._channel import Channel
+    from ._message import Message
+    from ._stop import RemoteStopSource, RemoteStopToken, StopHub, StopToken
     from ._subscription import Subscription
     from ._tail import Tail
 
@@ -56,6 +58,7 @@ class Broker:
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
+        self._hub: StopHub | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -112,6 +115,8 @@ class Broker:
         stack, self._stack = self._stack, None
         if stack is None:
             return
+        if self._hub is not None:
+            await self._hub.aclose()
         if self._publisher_task is not None:
             self._publisher_task.cancel()  # its finally block sends what is still queued
         await stack.aclose()
@@ -138,6 +143,20 @@ class Broker:
     async def call(self, fn: Any, channel: str | None = None) -> Any:
         """Run one redis call with reconnects until the deadline and errors mapped."""
         return await retrying(fn, self.settings.reconnect_deadline, channel)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Start a task owned by this broker (cancelled when it closes)."""
+        if self._tasks is None or self._closed:
+            coro.close()
+            raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
+        return self._tasks.create_task(coro, name=name)
+
+    def _stop_hub(self) -> StopHub:
+        if self._hub is None:
+            from ._stop import StopHub
+
+            self._hub = StopHub(self)
+        return self._hub
 
     # -- factories ----------------------------------------------------------------------------
 
@@ -174,6 +193,26 @@ class Broker:
             full_timeout=full_timeout,
         )
 
+    def stop_source(self, name: str) -> RemoteStopSource:
+        """The source of stop ``name``: ``await broker.stop_source("deploy").stop("reason")``."""
+        from ._stop import RemoteStopSource
+
+        return RemoteStopSource(self, name)
+
+    def stop_token(self, name: str, *, parent: StopToken | None = None) -> RemoteStopToken:
+        """A token fired by ``stop_source(name).stop()`` on any host (or when ``parent`` fires).
+
+        Example::
+
+            async with broker.stop_token("deploy") as token:
+                async with ch.subscribe(group="g") as messages:
+                    async for msg in token.stop_stream(messages):
+                        ...
+        """
+        from ._stop import RemoteStopToken
+
+        return RemoteStopToken(self, name, parent=parent)
+
     def subscribe(
         self, channels: str | Channel[Any] | Sequence[str | Channel[Any]], **options: Any
     ) -> Subscription[Any]:
@@ -184,6 +223,43 @@ class Broker:
         from ._subscription import Subscription
 
         return Subscription(self, self._channels(channels), **options)
+
+    async def consume(
+        self,
+        channels: str | Channel[Any] | Sequence[str | Channel[Any]],
+        handler: Callable[[Message[Any]], Awaitable[Any]],
+        *,
+        group: str,
+        concurrency: int = 1,
+        group_concurrency: int | None = None,
+        read_ahead: int | None = None,
+        lease: float = 30.0,
+        stop: StopToken | None = None,
+        **options: Any,
+    ) -> None:
+        """Subscribe and run ``handler`` with bounded concurrency until stopped.
+
+        Prefetch is ``concurrency + read_ahead`` (default read-ahead: a quarter of the
+        concurrency, at least 1), so a slow process does not hoard messages others could take.
+        See :meth:`Subscription.consume` for the limits.
+
+        Example::
+
+            async with broker.stop_token("deploy") as stop:
+                await b.consume("orders", handle, group="billing", concurrency=8, stop=stop)
+        """
+        from ._consume import check_limits
+
+        check_limits(concurrency, group_concurrency, lease)
+        extra = max(1, concurrency // 4) if read_ahead is None else read_ahead
+        if extra < 0:
+            raise ValueError(f"read_ahead must be >= 0, got {read_ahead!r}")
+        options.setdefault("prefetch", concurrency + extra)
+        async with self.subscribe(channels, group=group, **options) as sub:
+            await sub.consume(
+                handler, concurrency=concurrency, group_concurrency=group_concurrency,
+                lease=lease, stop=stop,
+            )
 
     def tail(
         self, channels: str | Channel[Any] | Sequence[str | Channel[Any]], **options: Any

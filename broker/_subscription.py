@@ -45,6 +45,7 @@ from ._scripts import DEAD_LETTER, PRUNE_CONSUMER
 if TYPE_CHECKING:
     from ._broker import Broker
     from ._channel import Channel
+    from ._stop import StopToken
 
 __all__ = ["Subscription", "SubscriptionStatistics", "default_consumer_name"]
 
@@ -185,6 +186,7 @@ class Subscription(Generic[T]):
         self._read_cancelled = False
         self._tasks: asyncio.TaskGroup | None = None
         self._fetch_task: asyncio.Task[None] | None = None
+        self._winding: asyncio.Task[None] | None = None
         self._aux: list[asyncio.Task[None]] = []
         self._stats = dict.fromkeys(
             ("delivered", "acked", "nacked", "dead_lettered", "claimed", "released", "trimmed",
@@ -229,13 +231,13 @@ class Subscription(Generic[T]):
         if tasks is None:
             return
         try:
-            if self._fetch_task is not None:
-                await _cancel_and_wait(self._fetch_task)
-            try:
-                await self._release_unhanded()
-                await self._drain_acks()
-            except BrokerError as exc:
-                log.warning("%r: closing without releasing or acking everything: %s", self, exc)
+            if self._winding is not None:
+                await asyncio.wait([self._winding])
+            if self._error is None:
+                try:
+                    await self._drain_acks()
+                except BrokerError as exc:
+                    log.warning("%r: closing with acks not sent: %s", self, exc)
         finally:
             for t in self._aux:
                 t.cancel()
@@ -251,9 +253,21 @@ class Subscription(Generic[T]):
         if self._stopped:
             return
         self._stopped = True
-        if self._fetch_task is not None:
-            self._fetch_task.cancel()
         self._readable.set()
+        if self._tasks is not None:
+            self._winding = self._tasks.create_task(self._wind_down(), name=f"{self!r} stop")
+
+    async def _wind_down(self) -> None:
+        """Stop reading, then release what was fetched but not handed out (at once, not at
+        close: other consumers can take it while this one finishes its handlers)."""
+        if self._fetch_task is not None:
+            await _cancel_and_wait(self._fetch_task)
+        if self._error is not None:
+            return  # the server is gone or the group deleted: the entries stay pending
+        try:
+            await self._release_unhanded()
+        except BrokerError as exc:
+            log.warning("%r: could not release fetched messages: %s", self, exc)
 
     @property
     def stopped(self) -> bool:
@@ -328,6 +342,29 @@ class Subscription(Generic[T]):
                 except TimeoutError:
                     break
             yield batch
+
+    async def consume(
+        self,
+        handler: Callable[[Message[T]], Awaitable[Any]],
+        *,
+        concurrency: int = 1,
+        group_concurrency: int | None = None,
+        lease: float = 30.0,
+        stop: StopToken | None = None,
+    ) -> None:
+        """Run ``handler`` on every message with at most ``concurrency`` in flight here and at
+        most ``group_concurrency`` across every consumer of the group (a Redis lease semaphore
+        whose leases expire ``lease`` seconds after a holder dies). Acks on return, nacks on
+        error; returns when the subscription stops (``stop`` token or :meth:`stop`).
+
+        :raises ValueError: on a limit < 1 or lease <= 0.
+        """
+        from ._consume import run_consumer
+
+        await run_consumer(
+            self, handler, concurrency=concurrency, group_concurrency=group_concurrency,
+            lease=lease, stop=stop,
+        )
 
     # -- settling -----------------------------------------------------------------------------
 
@@ -426,9 +463,8 @@ class Subscription(Generic[T]):
         except BrokerError as exc:
             if self._error is None:
                 self._error = exc
-            self._stopped = True
-            self._readable.set()
             self._flushed.set()
+            self.stop()
 
     async def _call(self, fn: Any, channel: Channel[Any] | None = None) -> Any:
         """One redis call: errors mapped, NOGROUP turned into GroupMissingError."""
@@ -633,10 +669,7 @@ class Subscription(Generic[T]):
             self._room.set()
 
     async def _drain_acks(self) -> None:
-        if self._error is None:
-            await self.flush()
-        else:  # the ack loop may be gone: send directly, best effort
-            await self._send_settlements()
+        await self.flush()
 
     async def _retry_loop(self) -> None:
         r = self.broker.redis

@@ -1,0 +1,95 @@
+"""Concurrency-limited consumption: at most N handlers in this process, M in the whole group."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._names import semaphore_key
+from ._semaphore import GroupSemaphore
+
+if TYPE_CHECKING:
+    from ._message import Message
+    from ._stop import StopToken
+    from ._subscription import Subscription
+
+__all__ = ["run_consumer"]
+
+log = logging.getLogger("broker.consume")
+T = TypeVar("T")
+Handler = Callable[["Message[T]"], Awaitable[Any]]
+
+
+def check_limits(concurrency: int, group_concurrency: int | None, lease: float) -> None:
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    if group_concurrency is not None and (
+        not isinstance(group_concurrency, int) or group_concurrency < 1
+    ):
+        raise ValueError(f"group_concurrency must be an int >= 1, got {group_concurrency!r}")
+    if lease <= 0:
+        raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
+
+
+async def run_consumer(
+    sub: Subscription[T],
+    handler: Handler[T],
+    *,
+    concurrency: int,
+    group_concurrency: int | None = None,
+    lease: float = 30.0,
+    stop: StopToken | None = None,
+) -> None:
+    """Run ``handler`` on each message of ``sub`` with bounded concurrency until it stops.
+
+    A message is acked when its handler returns and nacked (retry with backoff, then dead
+    letters) when it raises. A slot is taken before a message is, so at most ``concurrency``
+    messages are in handlers and the subscription's prefetch bounds the rest. On stop (the
+    token, ``sub.stop()``) no new message starts; running handlers finish and are acked.
+    """
+    if not callable(handler):
+        raise TypeError(f"handler must be an async callable, got {handler!r}")
+    check_limits(concurrency, group_concurrency, lease)
+    slots = asyncio.Semaphore(concurrency)
+    group = None
+    if group_concurrency is not None:
+        ch = sub.channels[0]
+        group = GroupSemaphore(
+            sub.broker, semaphore_key(sub.broker.namespace, ch.name, sub.group),
+            group_concurrency, lease=lease,
+        )
+    remove = stop.on_stop(lambda _: sub.stop()) if stop is not None else None
+
+    async def handle(msg: Message[T]) -> None:
+        try:
+            if group is not None:
+                async with group.hold():
+                    await handler(msg)
+            else:
+                await handler(msg)
+        except Exception as exc:  # the message failed, the consumer goes on
+            log.warning("handler failed on %s %s: %r", msg.channel, msg.id, exc)
+            msg.nack(error=exc)
+        else:
+            msg.ack()
+        finally:
+            slots.release()
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                await slots.acquire()
+                try:
+                    msg = await anext(sub)
+                except StopAsyncIteration:
+                    slots.release()
+                    break
+                except BaseException:
+                    slots.release()
+                    raise
+                tg.create_task(handle(msg), name=f"handler {msg.channel} {msg.id}")
+    finally:
+        if remove is not None:
+            remove()

@@ -1,0 +1,442 @@
+"""Stop tokens: end streams cooperatively, in this process or on every host (over pub/sub).
+
+Modelled on the Rust ``stop-token`` crate and tokio's ``CancellationToken``:
+
+- :class:`StopSource` / :class:`StopToken`: a local pair, no Redis involved.
+- ``broker.stop_source(name).stop(reason)``: fires every ``broker.stop_token(name)`` on every
+  host. The stop is published on a pub/sub channel *and* recorded in a key, because pub/sub is
+  at-most-once: a token reads the key after its subscription is confirmed and again after every
+  reconnect, so a host that was cut off, or that starts later, still sees the stop.
+- ``token.stop_stream(stream)`` ends a stream between items; for a :class:`Subscription` the
+  stop is cooperative (handlers running finish and ack; buffered messages are released).
+
+Key and channel: ``<namespace>:stop:{<name>}`` (value: msgpack ``{"reason", "at"}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgpack
+
+from ._errors import ClosedError, ConnectionLostError, map_redis_errors
+from ._names import check_channel
+from ._retry import Backoff
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from ._broker import Broker
+
+__all__ = ["RemoteStopSource", "RemoteStopToken", "StopSource", "StopToken", "stop_key"]
+
+log = logging.getLogger("broker.stop")
+T = TypeVar("T")
+
+
+def stop_key(namespace: str, name: str) -> str:
+    """The key (and pub/sub channel) of stop ``name``."""
+    return f"{namespace}:stop:{{{name}}}"
+
+
+class StopToken:
+    """Fires once; then :attr:`stopped` is true and :attr:`reason` tells why.
+
+    Obtain one from a :class:`StopSource` (local), from ``broker.stop_token(name)`` (remote),
+    or from :meth:`child` (fires when its parent fires, not the other way round).
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._reason: str | None = None
+        self._callbacks: list[Callable[[StopToken], None]] = []
+
+    @property
+    def stopped(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+    async def wait(self) -> str | None:
+        """Wait until the token fires; returns the reason."""
+        await self._event.wait()
+        return self._reason
+
+    def on_stop(self, callback: Callable[[StopToken], None]) -> Callable[[], None]:
+        """Call ``callback(token)`` when the token fires (at once if it has). Returns a remover."""
+        if self.stopped:
+            callback(self)
+            return lambda: None
+        self._callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+        return remove
+
+    def child(self) -> StopToken:
+        """A token that fires when this one does, and can also be fired alone (``_fire``)."""
+        kid = StopToken()
+        self.on_stop(lambda parent: kid._fire(parent.reason))
+        return kid
+
+    def stop_stream(self, stream: AsyncIterable[T]) -> AsyncIterator[T]:
+        """End ``stream`` between items once the token fires.
+
+        A :class:`Subscription` is stopped cooperatively (``subscription.stop()``): nothing it
+        fetched is lost. Any other async iterable is raced against the token: an item whose
+        read was in progress when the token fired is abandoned with that read.
+        """
+        from ._subscription import Subscription
+
+        if isinstance(stream, Subscription):
+            remove = self.on_stop(lambda _: stream.stop())
+            return _Detaching(stream, remove)
+        return _race(stream, self)
+
+    def _fire(self, reason: str | None) -> None:
+        if self.stopped:
+            return
+        self._reason = reason
+        self._event.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            try:
+                cb(self)
+            except Exception:  # one bad callback must not keep the others from running
+                log.exception("stop callback %r failed", cb)
+
+    def __repr__(self) -> str:
+        state = f"stopped ({self._reason!r})" if self.stopped else "running"
+        return f"<{type(self).__name__} {state}>"
+
+
+class StopSource:
+    """A local source: ``source.stop(reason)`` fires ``source.token`` (and its children)."""
+
+    def __init__(self) -> None:
+        self.token = StopToken()
+
+    def stop(self, reason: str | None = None) -> None:
+        self.token._fire(reason)
+
+    @property
+    def stopped(self) -> bool:
+        return self.token.stopped
+
+
+class _Detaching(AsyncIterator[T]):
+    """Iterates a subscription; drops the token's callback when the iteration ends."""
+
+    def __init__(self, stream: AsyncIterator[T], remove: Callable[[], None]) -> None:
+        self._stream = stream
+        self._remove = remove
+
+    def __aiter__(self) -> _Detaching[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return await self._stream.__anext__()
+        except BaseException:
+            self._remove()
+            raise
+
+
+async def _race(stream: AsyncIterable[T], token: StopToken) -> AsyncIterator[T]:
+    it = aiter(stream)
+    stop = asyncio.ensure_future(token.wait())
+    try:
+        while not token.stopped:
+            step = asyncio.ensure_future(anext(it))
+            try:
+                done, _ = await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not step.done():
+                    step.cancel()
+                    await asyncio.wait([step])
+            if step not in done or step.cancelled():
+                return
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stop.cancel()
+        await asyncio.wait([stop])
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# -- remote stops ---------------------------------------------------------------------------
+
+
+def _encode(reason: str | None) -> bytes:
+    return msgpack.packb({"reason": reason, "at": time.time()})  # type: ignore[no-any-return]
+
+
+def _decode(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        value = msgpack.unpackb(raw)
+        return value.get("reason") if isinstance(value, dict) else str(value)
+    except Exception:
+        return raw.decode(errors="replace")
+
+
+class RemoteStopSource:
+    """Fires (or clears) the stop ``name`` on every host. Obtain with ``broker.stop_source``."""
+
+    def __init__(self, broker: Broker, name: str) -> None:
+        self.broker = broker
+        self.name = check_channel(name)
+        self.key = stop_key(broker.namespace, name)
+
+    async def stop(self, reason: str | None = None, *, ttl: float | None = None) -> int:
+        """Record the stop (expiring after ``ttl`` seconds if given) and publish it.
+
+        Returns how many processes' pub/sub connections received it (tokens that were
+        disconnected see the key when they reconnect).
+        """
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl must be > 0 seconds, got {ttl!r}")
+        value = _encode(reason)
+        r = self.broker.redis
+
+        async def fire() -> int:
+            pipe = r.pipeline(transaction=True)
+            pipe.set(self.key, value, px=None if ttl is None else int(ttl * 1000))
+            pipe.publish(self.key, value)
+            _, receivers = await pipe.execute()
+            return int(receivers)
+
+        return int(await self.broker.call(fire))
+
+    async def reset(self) -> bool:
+        """Clear a recorded stop so the name can be used again; True if one was recorded.
+
+        Tokens that already fired stay fired; only tokens created afterwards start clean.
+        """
+        return bool(await self.broker.call(lambda: self.broker.redis.delete(self.key)))
+
+    async def status(self) -> tuple[bool, str | None]:
+        """(stopped, reason) as recorded in the key."""
+        raw = await self.broker.call(lambda: self.broker.redis.get(self.key))
+        return raw is not None, _decode(raw)
+
+
+class RemoteStopToken(StopToken):
+    """A token fired by ``broker.stop_source(name).stop()`` from any host.
+
+    Use as ``async with broker.stop_token("deploy") as token:``; entering returns once the
+    subscription is confirmed and the recorded stop (if any) was read. ``parent`` (any token)
+    makes this one fire with it, e.g. one token per worker under one per deployment.
+    """
+
+    def __init__(self, broker: Broker, name: str, *, parent: StopToken | None = None) -> None:
+        super().__init__()
+        self.broker = broker
+        self.name = check_channel(name)
+        self.key = stop_key(broker.namespace, name)
+        self._parent = parent
+        self._remove_parent: Callable[[], None] | None = None
+        self._entered = False
+        self._closed = False
+
+    async def __aenter__(self) -> RemoteStopToken:
+        if self._entered:
+            raise ClosedError("a stop token can be entered once; create another")
+        self._entered = True
+        if self._parent is not None:
+            self._remove_parent = self._parent.on_stop(lambda p: self._fire(p.reason))
+        await self.broker._stop_hub().register(self)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Unsubscribe (shared connection: the channel is dropped with its last token)."""
+        if self._closed or not self._entered:
+            return
+        self._closed = True
+        if self._remove_parent is not None:
+            self._remove_parent()
+        await self.broker._stop_hub().unregister(self)
+
+    def __repr__(self) -> str:
+        state = f"stopped ({self._reason!r})" if self.stopped else "running"
+        return f"<RemoteStopToken {self.name!r} {state}>"
+
+
+class StopHub:
+    """One pub/sub connection and one reader task for every remote token of a broker."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._tokens: dict[str, set[RemoteStopToken]] = {}
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._pubsub: Any = None
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._generation = 0
+        self.reconnects = 0
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        return self.broker.redis
+
+    async def register(self, token: RemoteStopToken) -> None:
+        async with self._lock:
+            if self._task is None:
+                self._task = self.broker._spawn(self._reader(), name="broker-stop-hub")
+            first = token.key not in self._tokens
+            self._tokens.setdefault(token.key, set()).add(token)
+            if first:
+                await self._subscribe([token.key])
+        # the subscription is confirmed: a stop published from now on reaches us, and one
+        # published before is in the key
+        raw = await self.broker.call(lambda: self._redis.get(token.key))
+        if raw is not None:
+            token._fire(_decode(raw))
+
+    async def unregister(self, token: RemoteStopToken) -> None:
+        async with self._lock:
+            tokens = self._tokens.get(token.key)
+            if not tokens:
+                return
+            tokens.discard(token)
+            if tokens:
+                return
+            del self._tokens[token.key]
+            self._confirmed.pop(token.key, None)
+            if self._pubsub is not None:
+                try:
+                    with map_redis_errors():
+                        await self._pubsub.unsubscribe(token.key)
+                except ConnectionLostError:
+                    pass  # the reader resubscribes only to the keys still registered
+
+    async def _subscribe(self, keys: list[str]) -> None:
+        """Subscribe and wait for the server's confirmations (read by the reader task)."""
+        backoff = Backoff(self.broker.settings.reconnect_deadline)
+        while True:
+            events = {k: self._confirmed.setdefault(k, asyncio.Event()) for k in keys}
+            try:
+                with map_redis_errors():
+                    if self._pubsub is None:
+                        self._pubsub = self._redis.pubsub()
+                    await self._pubsub.subscribe(*keys)
+                self._wake.set()
+                async with asyncio.timeout(self.broker.settings.connect_timeout):
+                    for ev in events.values():
+                        await ev.wait()
+                return
+            except (ConnectionLostError, TimeoutError) as exc:
+                await self._reset_connection()
+                await backoff.wait(exc if isinstance(exc, ConnectionLostError) else
+                                   ConnectionLostError("no subscribe confirmation"))
+                keys = list(self._tokens)
+
+    async def _reset_connection(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        for ev in self._confirmed.values():
+            ev.clear()
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except Exception:  # a broken connection may fail to close; it is dropped anyway
+                pass
+
+    async def _reader(self) -> None:
+        backoff = Backoff(self.broker.settings.reconnect_deadline)
+        while True:
+            pubsub = self._pubsub
+            if pubsub is None or not self._tokens:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                with map_redis_errors():
+                    msg = await pubsub.get_message(timeout=1.0)
+                backoff.reset()
+            except ConnectionLostError as exc:
+                if self._pubsub is not pubsub:
+                    continue
+                self.reconnects += 1
+                log.warning("stop tokens: pub/sub connection lost (%s); reconnecting", exc)
+                await self._reset_connection()
+                await self._recover(backoff, exc)
+                continue
+            except RuntimeError:  # the connection was closed under us by unregister/reset
+                await asyncio.sleep(0)
+                continue
+            if msg is None:
+                continue
+            kind = msg.get("type")
+            channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
+            if kind == b"subscribe" or kind == "subscribe":
+                ev = self._confirmed.get(channel)
+                if ev is not None:
+                    ev.set()
+            elif kind in (b"message", "message"):
+                reason = _decode(msg["data"])
+                for token in list(self._tokens.get(channel, ())):
+                    token._fire(reason)
+
+    async def _recover(self, backoff: Backoff, exc: ConnectionLostError) -> None:
+        """Resubscribe everything, then read every key: stops published meanwhile were lost."""
+        while self._tokens:
+            await backoff.wait(exc)
+            keys = list(self._tokens)
+            try:
+                with map_redis_errors():
+                    self._pubsub = self._redis.pubsub()
+                    await self._pubsub.subscribe(*keys)
+                    # read the confirmations here: the reader is this task
+                    confirmed: set[str] = set()
+                    async with asyncio.timeout(self.broker.settings.connect_timeout):
+                        while confirmed != set(keys):
+                            msg = await self._pubsub.get_message(timeout=1.0)
+                            if msg and msg.get("type") in (b"subscribe", "subscribe"):
+                                ch = msg["channel"]
+                                confirmed.add(ch.decode() if isinstance(ch, bytes) else ch)
+                            elif msg and msg.get("type") in (b"message", "message"):
+                                ch = msg["channel"]
+                                name = ch.decode() if isinstance(ch, bytes) else ch
+                                for token in list(self._tokens.get(name, ())):
+                                    token._fire(_decode(msg["data"]))
+                    values = await self._redis.mget(keys)
+            except (ConnectionLostError, TimeoutError) as again:
+                await self._reset_connection()
+                exc = again if isinstance(again, ConnectionLostError) else exc
+                continue
+            for ev_key in keys:
+                self._confirmed.setdefault(ev_key, asyncio.Event()).set()
+            for key, raw in zip(keys, values, strict=True):
+                if raw is not None:
+                    for token in list(self._tokens.get(key, ())):
+                        token._fire(_decode(raw))
+            backoff.reset()
+            return
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+            self._task = None
+        await self._reset_connection()
