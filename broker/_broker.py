@@ -124,8 +124,11 @@ class Broker:
     # -- internal accessors -------------------------------------------------------------------
 
     @property
-    def redis(self) -> aioredis.Redis:
-        """The underlying redis-py client (for advanced use; keys follow the wire format)."""
+    def redis(self) -> Any:
+        """The underlying ``redis.asyncio.Redis`` (for advanced use; keys follow the wire format).
+
+        Typed ``Any``: redis-py's annotations do not describe its asyncio replies.
+        """
         if self._redis is None or self._closed:
             raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
         return self._redis
@@ -257,8 +260,11 @@ class Broker:
         options.setdefault("prefetch", concurrency + extra)
         async with self.subscribe(channels, group=group, **options) as sub:
             await sub.consume(
-                handler, concurrency=concurrency, group_concurrency=group_concurrency,
-                lease=lease, stop=stop,
+                handler,
+                concurrency=concurrency,
+                group_concurrency=group_concurrency,
+                lease=lease,
+                stop=stop,
             )
 
     def tail(
@@ -286,7 +292,9 @@ class Broker:
         await self.call(scan)
         return sorted(found)
 
-    def _channels(self, channels: str | Channel[Any] | Iterable[str | Channel[Any]]) -> list[Channel[Any]]:
+    def _channels(
+        self, channels: str | Channel[Any] | Iterable[str | Channel[Any]]
+    ) -> list[Channel[Any]]:
         from ._channel import Channel
 
         if isinstance(channels, str | Channel):

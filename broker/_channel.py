@@ -1,4 +1,4 @@
-"""A named channel: publishing, retention, bounded-channel back-pressure, inspection, dead letters."""
+"""A named channel: publishing, retention, bounded-channel back-pressure, dead letters."""
 
 from __future__ import annotations
 
@@ -109,8 +109,8 @@ class Channel(Generic[T]):
         self.full_timeout = full_timeout
         self.key = channel_key(broker.namespace, name)
         self.dead_key = dead_key(broker.namespace, name)
-        self._lag_checked = 0.0
-        self._lag_ok = False
+        self._lag_checked = -1e9
+        self._lag = 0
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r} codec={self.codec.name}>"
@@ -153,7 +153,11 @@ class Channel(Generic[T]):
         ids: list[str] = []
         chunk: list[XAdd] = []
         for item in items:
-            if isinstance(item, tuple) and len(item) == 2 and (item[1] is None or isinstance(item[1], dict)):
+            if (
+                isinstance(item, tuple)
+                and len(item) == 2
+                and (item[1] is None or isinstance(item[1], dict))
+            ):
                 chunk.append(self._entry(item[0], item[1]))
             else:
                 chunk.append(self._entry(item, None))
@@ -166,7 +170,7 @@ class Channel(Generic[T]):
 
     async def _send(self, chunk: list[XAdd]) -> list[str]:
         if self.max_lag is not None:
-            await self._wait_for_room()
+            await self._wait_for_room(len(chunk))
         results = await send_batch(
             self.broker.redis, chunk, self.broker.settings.reconnect_deadline
         )
@@ -175,26 +179,31 @@ class Channel(Generic[T]):
                 raise r
         return [r for r in results if isinstance(r, str)]
 
-    async def _wait_for_room(self) -> None:
+    async def _wait_for_room(self, n: int = 1) -> None:
+        """Wait until ``n`` more entries keep the slowest group's lag within ``max_lag``.
+
+        The measured lag is reused for ``_LAG_TTL`` seconds, counting this process's own
+        publishes on top; producers in other processes are seen at the next measurement.
+        """
         assert self.max_lag is not None
-        now = time.monotonic()
-        if self._lag_ok and now - self._lag_checked < _LAG_TTL:
+        if time.monotonic() - self._lag_checked < _LAG_TTL and self._lag + n <= self.max_lag:
+            self._lag += n
             return
-        started = now
+        started = time.monotonic()
         pause = 0.005
         while True:
-            lag = await self.lag()
+            self._lag = await self.lag()
             self._lag_checked = time.monotonic()
-            self._lag_ok = lag <= self.max_lag
-            if self._lag_ok:
+            if self._lag + n <= self.max_lag or (self._lag == 0 and n > self.max_lag):
+                self._lag += n
                 return
             waited = self._lag_checked - started
             if self.on_full == "raise" or (
                 self.full_timeout is not None and waited >= self.full_timeout
             ):
                 raise ChannelFullError(
-                    f"channel {self.name!r} is full: its slowest group is {lag} entries behind "
-                    f"(max_lag={self.max_lag})",
+                    f"channel {self.name!r} is full: its slowest group is {self._lag} entries "
+                    f"behind (max_lag={self.max_lag})",
                     channel=self.name,
                 )
             await asyncio.sleep(pause)
@@ -283,7 +292,9 @@ class Channel(Generic[T]):
                 lag = g.get("lag")
                 if lag is None:
                     limit = (self.max_lag or 9_999) + 1
-                    after = await r.xrange(self.key, min=f"({_s(g['last-delivered-id'])}", count=limit)
+                    after = await r.xrange(
+                        self.key, min=f"({_s(g['last-delivered-id'])}", count=limit
+                    )
                     lag = len(after)
                 worst = max(worst, int(lag))
             return worst
@@ -316,11 +327,15 @@ class Channel(Generic[T]):
     async def delete_group(self, group: str) -> bool:
         """Delete ``group`` and its pending list; False if there was no such group."""
         return bool(
-            await self.broker.call(lambda: self.broker.redis.xgroup_destroy(self.key, group), self.name)
+            await self.broker.call(
+                lambda: self.broker.redis.xgroup_destroy(self.key, group), self.name
+            )
         )
 
     async def consumers(self, group: str) -> list[ConsumerInfo]:
-        rows = await self._group_call(group, lambda: self.broker.redis.xinfo_consumers(self.key, group))
+        rows = await self._group_call(
+            group, lambda: self.broker.redis.xinfo_consumers(self.key, group)
+        )
         return [ConsumerInfo(_s(c["name"]), int(c["pending"]), int(c["idle"]) / 1000) for c in rows]
 
     async def pending(
@@ -335,7 +350,9 @@ class Channel(Generic[T]):
         )
         return [
             PendingEntry(
-                _s(r["message_id"]), _s(r["consumer"]), int(r["time_since_delivered"]) / 1000,
+                _s(r["message_id"]),
+                _s(r["consumer"]),
+                int(r["time_since_delivered"]) / 1000,
                 int(r["times_delivered"]),
             )
             for r in rows
@@ -358,7 +375,11 @@ class Channel(Generic[T]):
         )
         out = []
         for entry_id, fields in rows:
-            meta = {k[len(DEAD_PREFIX) :].decode(): v for k, v in fields.items() if k.startswith(DEAD_PREFIX)}
+            meta = {
+                k[len(DEAD_PREFIX) :].decode(): v
+                for k, v in fields.items()
+                if k.startswith(DEAD_PREFIX)
+            }
             out.append(
                 DeadLetter(
                     id=_s(entry_id),

@@ -9,8 +9,15 @@ import msgpack
 
 from ._errors import ConfigurationError
 
-__all__ = ["Codec", "JsonCodec", "MsgpackCodec", "RawCodec", "get_codec", "pack_headers",
-           "unpack_headers"]
+__all__ = [
+    "Codec",
+    "JsonCodec",
+    "MsgpackCodec",
+    "RawCodec",
+    "get_codec",
+    "pack_headers",
+    "unpack_headers",
+]
 
 
 class Codec(Protocol):

@@ -57,8 +57,10 @@ async def run_consumer(
     if group_concurrency is not None:
         ch = sub.channels[0]
         group = GroupSemaphore(
-            sub.broker, semaphore_key(sub.broker.namespace, ch.name, sub.group),
-            group_concurrency, lease=lease,
+            sub.broker,
+            semaphore_key(sub.broker.namespace, ch.name, sub.group),
+            group_concurrency,
+            lease=lease,
         )
     remove = stop.on_stop(lambda _: sub.stop()) if stop is not None else None
 

@@ -3,15 +3,15 @@
 ::
 
     BrokerError
-    ├── ConfigurationError          bad URL, bad option, bad channel name (also a ValueError)
+    ├── ConfigurationError          bad URL, option or channel name (also a ValueError)
     ├── ConnectionLostError         the server stayed unreachable past the reconnect deadline
     │   └── AuthenticationError     wrong user or password (never retried)
     ├── ChannelError                carries .channel
-    │   ├── GroupMissingError       the stream or the consumer group was deleted under a subscription
+    │   ├── GroupMissingError       the stream or the group was deleted under a subscription
     │   ├── WrongTypeError          the key under the channel's name is not a stream
-    │   └── DecodeError             a payload could not be decoded (carries .message_id)
-    ├── ChannelFullError            a bounded channel stayed over its lag limit (publish with on_full="raise")
-    ├── ClosedError                 the broker, subscription or publisher was used after it was closed
+    │   ├── DecodeError             a payload could not be decoded (carries .message_id)
+    │   └── ChannelFullError        a bounded channel is over its lag limit (on_full="raise")
+    ├── ClosedError                 a broker or subscription was used after it was closed
     └── RedisCommandError           any other error the server answered with
 
 Every error raised by ``broker`` is a ``BrokerError``; errors of redis-py never leak out of the

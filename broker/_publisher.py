@@ -6,13 +6,10 @@ import asyncio
 import collections
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._errors import ClosedError, map_redis_errors
 from ._retry import retrying
-
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
 
 __all__ = ["PublisherStatistics", "Publisher", "XAdd"]
 
@@ -48,7 +45,7 @@ class Publisher:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: Any,
         *,
         reconnect_deadline: float,
         max_batch: int = 512,
@@ -125,9 +122,7 @@ class Publisher:
                     fut.set_result(result)
 
 
-async def send_batch(
-    redis: aioredis.Redis, items: list[XAdd], deadline: float
-) -> list[str | BaseException]:
+async def send_batch(redis: Any, items: list[XAdd], deadline: float) -> list[str | BaseException]:
     """Send ``items`` as one pipeline; per-entry errors come back in the list, not raised.
 
     A lost connection resends the whole batch until ``deadline``: an entry may then be appended
@@ -141,17 +136,17 @@ async def send_batch(
         for it in items:
             minid = None if it.max_age is None else f"{now_ms - int(it.max_age * 1000)}-0"
             if it.maxlen is not None:
-                pipe.xadd(it.key, it.fields, maxlen=it.maxlen, approximate=True)  # type: ignore[arg-type]
+                pipe.xadd(it.key, it.fields, maxlen=it.maxlen, approximate=True)
                 if minid is not None:  # XADD takes one trim strategy: the age bound goes after
                     age_trims[it.key] = minid
             elif minid is not None:
-                pipe.xadd(it.key, it.fields, minid=minid, approximate=True)  # type: ignore[arg-type]
+                pipe.xadd(it.key, it.fields, minid=minid, approximate=True)
             else:
-                pipe.xadd(it.key, it.fields)  # type: ignore[arg-type]
+                pipe.xadd(it.key, it.fields)
         for key, minid in age_trims.items():
             pipe.xtrim(key, minid=minid, approximate=True)
         results = await pipe.execute(raise_on_error=False)
-        return results[: len(items)]
+        return list(results[: len(items)])
 
     raw = await retrying(once, deadline)
     out: list[str | BaseException] = []

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.exceptions as rex
-
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
 
 __all__ = ["DEAD_LETTER", "PRUNE_CONSUMER", "REPLAY_DEAD", "Script"]
 
@@ -20,15 +17,15 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, redis: aioredis.Redis, keys: list[Any], args: list[Any]) -> Any:
+    async def __call__(self, redis: Any, keys: list[Any], args: list[Any]) -> Any:
         try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except rex.NoScriptError:
-            await redis.script_load(self.source)  # type: ignore[misc]
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            await redis.script_load(self.source)
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
 
-#: KEYS: stream, dead stream. ARGV: group, id, dead maxlen, then field/value pairs of the dead entry.
+#: KEYS: stream, dead stream. ARGV: group, id, dead maxlen, then the dead entry's field/values.
 #: Acks the original and appends the dead letter in one step; only the first of two racing
 #: consumers (the one whose XACK removed the pending entry) writes the dead letter.
 DEAD_LETTER = Script(

@@ -90,13 +90,20 @@ class EmbeddedServer:
     def _argv(self) -> list[str]:
         argv = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", self.bind,
-            "--dir", self.directory,
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "no" if self.bind not in ("127.0.0.1", "::1") else "yes",
-            "--logfile", os.path.join(self.directory, "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            self.bind,
+            "--dir",
+            self.directory,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no" if self.bind not in ("127.0.0.1", "::1") else "yes",
+            "--logfile",
+            os.path.join(self.directory, "redis.log"),
         ]
         if self.appendonly:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
@@ -116,7 +123,11 @@ class EmbeddedServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                err = (
+                    self.process.stderr.read().decode(errors="replace")
+                    if self.process.stderr
+                    else ""
+                )
                 log = Path(self.directory, "redis.log")
                 tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
                 raise RuntimeError(f"redis-server exited at start: {err or tail}")

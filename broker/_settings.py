@@ -84,7 +84,9 @@ def _check_url(url: str) -> None:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
-        raise ConfigurationError(f"invalid URL {redact_url(url)!r} ({exc}); use {example}") from None
+        raise ConfigurationError(
+            f"invalid URL {redact_url(url)!r} ({exc}); use {example}"
+        ) from None
     if parts.scheme not in _SCHEMES:
         raise ConfigurationError(
             f"unsupported URL scheme {parts.scheme!r} in {redact_url(url)!r}; use {example}"

@@ -29,7 +29,6 @@ from ._names import check_channel
 from ._retry import Backoff
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
 
     from ._broker import Broker
 
@@ -185,9 +184,11 @@ def _encode(reason: str | None) -> bytes:
     return msgpack.packb({"reason": reason, "at": time.time()})  # type: ignore[no-any-return]
 
 
-def _decode(raw: bytes | None) -> str | None:
+def _decode(raw: bytes | str | None) -> str | None:
     if raw is None:
         return None
+    if isinstance(raw, str):
+        return raw
     try:
         value = msgpack.unpackb(raw)
         return value.get("reason") if isinstance(value, dict) else str(value)
@@ -297,7 +298,7 @@ class StopHub:
         self.reconnects = 0
 
     @property
-    def _redis(self) -> aioredis.Redis:
+    def _redis(self) -> Any:
         return self.broker.redis
 
     async def register(self, token: RemoteStopToken) -> None:
@@ -348,8 +349,11 @@ class StopHub:
                 return
             except (ConnectionLostError, TimeoutError) as exc:
                 await self._reset_connection()
-                await backoff.wait(exc if isinstance(exc, ConnectionLostError) else
-                                   ConnectionLostError("no subscribe confirmation"))
+                await backoff.wait(
+                    exc
+                    if isinstance(exc, ConnectionLostError)
+                    else ConnectionLostError("no subscribe confirmation")
+                )
                 keys = list(self._tokens)
 
     async def _reset_connection(self) -> None:
@@ -388,7 +392,9 @@ class StopHub:
             if msg is None:
                 continue
             kind = msg.get("type")
-            channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
+            channel = (
+                msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
+            )
             if kind == b"subscribe" or kind == "subscribe":
                 ev = self._confirmed.get(channel)
                 if ev is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -189,8 +190,16 @@ class Subscription(Generic[T]):
         self._winding: asyncio.Task[None] | None = None
         self._aux: list[asyncio.Task[None]] = []
         self._stats = dict.fromkeys(
-            ("delivered", "acked", "nacked", "dead_lettered", "claimed", "released", "trimmed",
-             "reconnects"),
+            (
+                "delivered",
+                "acked",
+                "nacked",
+                "dead_lettered",
+                "claimed",
+                "released",
+                "trimmed",
+                "reconnects",
+            ),
             0,
         )
 
@@ -207,9 +216,13 @@ class Subscription(Generic[T]):
         await self._setup()
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
-        self._fetch_task = self._tasks.create_task(self._guard(self._fetch_loop), name=f"{self!r} fetch")
+        self._fetch_task = self._tasks.create_task(
+            self._guard(self._fetch_loop), name=f"{self!r} fetch"
+        )
         for loop in (self._ack_loop, self._retry_loop, self._heartbeat_loop):
-            self._aux.append(self._tasks.create_task(self._guard(loop), name=f"{self!r} {loop.__name__}"))
+            self._aux.append(
+                self._tasks.create_task(self._guard(loop), name=f"{self!r} {loop.__name__}")
+            )
         return self
 
     async def __aexit__(
@@ -317,14 +330,14 @@ class Subscription(Generic[T]):
             )
         return self._chunks(size, timeout)
 
-    async def _chunks(self, size: int, timeout: float | None) -> AsyncIterator[list[Message[T]]]:
+    async def _chunks(self, size: int, wait: float | None) -> AsyncIterator[list[Message[T]]]:
         while True:
             try:
                 first = await self.__anext__()
             except StopAsyncIteration:
                 return
             batch = [first]
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = None if wait is None else time.monotonic() + wait
             while len(batch) < size:
                 msg = self._take()
                 if msg is not None:
@@ -362,8 +375,12 @@ class Subscription(Generic[T]):
         from ._consume import run_consumer
 
         await run_consumer(
-            self, handler, concurrency=concurrency, group_concurrency=group_concurrency,
-            lease=lease, stop=stop,
+            self,
+            handler,
+            concurrency=concurrency,
+            group_concurrency=group_concurrency,
+            lease=lease,
+            stop=stop,
         )
 
     # -- settling -----------------------------------------------------------------------------
@@ -449,10 +466,14 @@ class Subscription(Generic[T]):
             if len(self._trimmed) > 1024:
                 self._trimmed.pop(next(iter(self._trimmed)))
             self._stats["trimmed"] += 1
-            log.warning("%s %s was trimmed while pending; dropped without delivery", ch.name, entry_id)
+            log.warning(
+                "%s %s was trimmed while pending; dropped without delivery", ch.name, entry_id
+            )
 
     def _dead_letter(self, msg: Message[Any], error: str) -> None:
-        self._dead.append(_DeadOp(self._by_name[msg.channel], msg.id, msg.fields, error, msg.deliveries))
+        self._dead.append(
+            _DeadOp(self._by_name[msg.channel], msg.id, msg.fields, error, msg.deliveries)
+        )
         self._stats["dead_lettered"] += 1
         log.warning("dead-lettered %s %s: %s", msg.channel, msg.id, error)
 
@@ -478,20 +499,25 @@ class Subscription(Generic[T]):
                 raise GroupMissingError(name, self.group) from exc
             raise
 
+    async def _retry_call(
+        self, fn: Callable[[], Awaitable[Any]], ch: Channel[Any] | None = None
+    ) -> Any:
+        """:meth:`_call`, retried over lost connections until the reconnect deadline."""
+        return await retrying(lambda: self._call(fn, ch), self.broker.settings.reconnect_deadline)
+
     # -- internals: setup ---------------------------------------------------------------------
 
     async def _setup(self) -> None:
-        r = self.broker.redis
         for ch in self.channels:
-            async def create(ch: Channel[Any] = ch) -> None:
-                try:
-                    await r.xgroup_create(ch.key, self.group, id=self.start, mkstream=True)
-                except Exception as exc:
-                    if not str(exc).startswith("BUSYGROUP"):
-                        raise
-
-            await retrying(lambda c=create: self._call(c, ch), self.broker.settings.reconnect_deadline, ch.name)  # type: ignore[misc]
+            await self._retry_call(functools.partial(self._create_group, ch), ch)
             await self._prune(ch)
+
+    async def _create_group(self, ch: Channel[Any]) -> None:
+        try:
+            await self.broker.redis.xgroup_create(ch.key, self.group, id=self.start, mkstream=True)
+        except Exception as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
 
     async def _prune(self, ch: Channel[Any]) -> None:
         r = self.broker.redis
@@ -499,7 +525,11 @@ class Subscription(Generic[T]):
 
         async def prune() -> None:
             for c in await r.xinfo_consumers(ch.key, self.group):
-                name = c["name"].decode(errors="replace") if isinstance(c["name"], bytes) else c["name"]
+                name = (
+                    c["name"].decode(errors="replace")
+                    if isinstance(c["name"], bytes)
+                    else c["name"]
+                )
                 if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) >= idle_ms:
                     if await PRUNE_CONSUMER(r, [ch.key], [self.group, name, idle_ms]):
                         log.info("pruned idle consumer %s of %s/%s", name, ch.name, self.group)
@@ -542,7 +572,7 @@ class Subscription(Generic[T]):
         chans = [self._by_name[n] for n in sorted(replay)]
         streams = {c.key: cursors.get(c.name, "0") for c in chans}
         reply = await self._call(
-            lambda: r.xreadgroup(self.group, self.consumer, streams, count=max(1, room))  # type: ignore[arg-type]
+            lambda: r.xreadgroup(self.group, self.consumer, streams, count=max(1, room))
         )
         got: dict[str, list[Any]] = {c.name: [] for c in chans}
         for key, entries in reply or []:
@@ -557,28 +587,31 @@ class Subscription(Generic[T]):
             await self._ingest(ch, entries, counted=True)
 
     async def _claim(self, room: int) -> None:
-        r = self.broker.redis
-        cursors = self._claim_cursors
         idle_ms = int(self.claim_idle * 1000)
         for ch in self.channels:
             if room <= 0:
                 return
-            reply = await self._call(
-                lambda ch=ch: r.xautoclaim(
-                    ch.key, self.group, self.consumer, idle_ms, cursors.get(ch.name, "0-0"), count=room
-                ),
-                ch,
-            )
-            cursors[ch.name] = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
-            entries = [e for e in reply[1] if e[0] is not None]
-            if len(reply) > 2 and reply[2]:
-                # Redis 7 drops trimmed entries from the pending list while it scans
-                fresh = [i.decode() for i in reply[2] if (ch.name, i.decode()) not in self._trimmed]
-                self._note_trimmed(ch, fresh)
-            if entries:
-                self._stats["claimed"] += len(entries)
-                await self._ingest(ch, entries, counted=True)
-                room -= len(entries)
+            room -= await self._claim_one(ch, room, idle_ms)
+
+    async def _claim_one(self, ch: Channel[Any], room: int, idle_ms: int) -> int:
+        r = self.broker.redis
+        cursors = self._claim_cursors
+        reply = await self._call(
+            lambda: r.xautoclaim(
+                ch.key, self.group, self.consumer, idle_ms, cursors.get(ch.name, "0-0"), count=room
+            ),
+            ch,
+        )
+        cursors[ch.name] = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        entries = [e for e in reply[1] if e[0] is not None]
+        if len(reply) > 2 and reply[2]:
+            # Redis 7 drops trimmed entries from the pending list while it scans
+            fresh = [i.decode() for i in reply[2] if (ch.name, i.decode()) not in self._trimmed]
+            self._note_trimmed(ch, fresh)
+        if entries:
+            self._stats["claimed"] += len(entries)
+            await self._ingest(ch, entries, counted=True)
+        return len(entries)
 
     async def _read_new(self, room: int) -> None:
         r = self.broker.redis
@@ -587,7 +620,11 @@ class Subscription(Generic[T]):
         self._read_cancelled = True  # cleared below unless the read is cancelled midway
         reply = await self._call(
             lambda: r.xreadgroup(
-                self.group, self.consumer, streams, count=per_stream, block=int(self.block * 1000)  # type: ignore[arg-type]
+                self.group,
+                self.consumer,
+                streams,
+                count=per_stream,
+                block=int(self.block * 1000),
             )
         )
         self._read_cancelled = False
@@ -619,15 +656,21 @@ class Subscription(Generic[T]):
         if self._buffer:
             self._readable.set()
 
-    async def _delivery_counts(self, ch: Channel[Any], first: bytes, last: bytes, n: int) -> dict[str, int]:
+    async def _delivery_counts(
+        self, ch: Channel[Any], first: bytes, last: bytes, n: int
+    ) -> dict[str, int]:
         r = self.broker.redis
         rows = await self._call(
-            lambda: r.xpending_range(ch.key, self.group, min=first, max=last, count=n, consumername=self.consumer),
+            lambda: r.xpending_range(
+                ch.key, self.group, min=first, max=last, count=n, consumername=self.consumer
+            ),
             ch,
         )
         return {row["message_id"].decode(): int(row["times_delivered"]) for row in rows}
 
-    def _decode(self, ch: Channel[Any], entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Message[T]:
+    def _decode(
+        self, ch: Channel[Any], entry_id: str, fields: dict[bytes, bytes], deliveries: int
+    ) -> Message[T]:
         return decode_entry(ch, entry_id, fields, deliveries, self)
 
     # -- internals: settling loops ------------------------------------------------------------
@@ -655,7 +698,14 @@ class Subscription(Generic[T]):
                 for name, ids in acks.items():
                     pipe.xack(self._by_name[name].key, self.group, *ids)
                 for name, tids in touch.items():
-                    pipe.xclaim(self._by_name[name].key, self.group, self.consumer, 0, list(tids), justid=True)
+                    pipe.xclaim(
+                        self._by_name[name].key,
+                        self.group,
+                        self.consumer,
+                        0,
+                        list(tids),
+                        justid=True,
+                    )
                 await pipe.execute()
             while dead:
                 op = dead[0]
@@ -663,7 +713,7 @@ class Subscription(Generic[T]):
                 dead.pop(0)
 
         try:
-            await retrying(lambda: self._call(send), self.broker.settings.reconnect_deadline)
+            await self._retry_call(send)
         finally:
             self._sending = 0
             self._room.set()
@@ -694,12 +744,8 @@ class Subscription(Generic[T]):
             for name, msgs in due.items():
                 ch = self._by_name[name]
                 ids = [m.id for m in msgs]
-                entries = await retrying(
-                    lambda ch=ch, ids=ids: self._call(
-                        lambda: r.xclaim(ch.key, self.group, self.consumer, 0, ids), ch
-                    ),
-                    self.broker.settings.reconnect_deadline,
-                )
+                claim = functools.partial(r.xclaim, ch.key, self.group, self.consumer, 0, ids)
+                entries = await self._retry_call(claim, ch)
                 prior = {m.id: m.deliveries for m in msgs}
                 for raw_id, fields in entries:
                     entry_id = raw_id.decode()
@@ -737,20 +783,22 @@ class Subscription(Generic[T]):
             # a blocking read cancelled midway may have moved entries into our pending list
             keep = set(self._inflight) | {(n, i) for n, ids in self._acks.items() for i in ids}
             for ch in self.channels:
-                rows = await retrying(
-                    lambda ch=ch: self._call(
-                        lambda: r.xpending_range(
-                            ch.key, self.group, min="-", max="+", count=self.prefetch + len(self.channels),
-                            consumername=self.consumer, idle=None,
-                        ),
-                        ch,
-                    ),
-                    self.broker.settings.reconnect_deadline,
+                mine = functools.partial(
+                    r.xpending_range,
+                    ch.key,
+                    self.group,
+                    min="-",
+                    max="+",
+                    count=self.prefetch + len(self.channels),
+                    consumername=self.consumer,
                 )
+                rows = await self._retry_call(mine, ch)
                 for row in rows:
                     entry_id = row["message_id"].decode()
                     if (ch.name, entry_id) not in keep:
-                        by_channel.setdefault(ch.name, {}).setdefault(entry_id, int(row["times_delivered"]) - 1)
+                        by_channel.setdefault(ch.name, {}).setdefault(
+                            entry_id, int(row["times_delivered"]) - 1
+                        )
         if not any(by_channel.values()):
             return
 
@@ -760,12 +808,18 @@ class Subscription(Generic[T]):
                 key = self._by_name[name].key
                 for retries, group_ids in _group_by_value(ids).items():
                     pipe.xclaim(
-                        key, self.group, self.consumer, 0, group_ids,
-                        idle=_RELEASE_IDLE_MS, retrycount=max(0, retries), justid=True,
+                        key,
+                        self.group,
+                        self.consumer,
+                        0,
+                        group_ids,
+                        idle=_RELEASE_IDLE_MS,
+                        retrycount=max(0, retries),
+                        justid=True,
                     )
             await pipe.execute()
 
-        await retrying(lambda: self._call(release), self.broker.settings.reconnect_deadline)
+        await self._retry_call(release)
         self._stats["released"] += sum(map(len, by_channel.values()))
 
 
@@ -779,9 +833,7 @@ def decode_entry(
     """Build a message from raw fields; a decode failure is reported in ``message.error``."""
     payload = fields.get(b"d")
     if payload is None:
-        data: Any = {
-            k.decode(errors="replace"): _maybe_text(v) for k, v in fields.items()
-        }
+        data: Any = {k.decode(errors="replace"): _maybe_text(v) for k, v in fields.items()}
         return Message(entry_id, ch.name, data, {}, deliveries, True, None, fields, subscription)
     try:
         if len(payload) > ch.broker.settings.max_payload:
@@ -792,7 +844,17 @@ def decode_entry(
         data = ch.codec.decode(payload)
         headers = unpack_headers(fields.get(b"h"))
     except ValueError as exc:
-        return Message(entry_id, ch.name, None, {}, deliveries, False, f"{ch.codec.name}: {exc}", fields, subscription)
+        return Message(
+            entry_id,
+            ch.name,
+            None,
+            {},
+            deliveries,
+            False,
+            f"{ch.codec.name}: {exc}",
+            fields,
+            subscription,
+        )
     return Message(entry_id, ch.name, data, headers, deliveries, False, None, fields, subscription)
 
 
@@ -816,12 +878,18 @@ def _dead_args(sub: Subscription[Any], op: _DeadOp) -> list[Any]:
     for k, v in op.fields.items():
         args += [k, v]
     args += [
-        b"dead.id", op.id,
-        b"dead.channel", op.channel.name,
-        b"dead.group", sub.group,
-        b"dead.consumer", sub.consumer,
-        b"dead.error", op.error[:4096],
-        b"dead.deliveries", str(op.deliveries),
+        b"dead.id",
+        op.id,
+        b"dead.channel",
+        op.channel.name,
+        b"dead.group",
+        sub.group,
+        b"dead.consumer",
+        sub.consumer,
+        b"dead.error",
+        op.error[:4096],
+        b"dead.deliveries",
+        str(op.deliveries),
     ]
     return args
 

@@ -80,7 +80,11 @@ class Tail:
         self.broker = broker
         self.channels = list(channels)
         self._by_key = {c.key.encode(): c for c in self.channels}
-        self._start = start if start in ("new", "beginning") else parse_position(start)
+        self._start: str = (
+            start
+            if isinstance(start, str) and start in ("new", "beginning")
+            else parse_position(start)
+        )
         self._last = last
         self._until = None if until is None else _id_tuple(parse_position(until))
         self.follow = follow
@@ -148,9 +152,11 @@ class Tail:
             deleted_id = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
             if deleted_id != "0-0" and _id_tuple(start) <= _id_tuple(deleted_id):
                 self.gaps[ch.name] = first_id or "(empty)"
-        elif first_id and _id_tuple(start) < _id_tuple(first_id) and int(
-            info.get("entries-added", info["length"])
-        ) > int(info["length"]):
+        elif (
+            first_id
+            and _id_tuple(start) < _id_tuple(first_id)
+            and int(info.get("entries-added", info["length"])) > int(info["length"])
+        ):
             self.gaps[ch.name] = first_id
 
     async def __anext__(self) -> Message[Any]:
@@ -203,7 +209,7 @@ class Tail:
         r = self.broker.redis
         streams = {ch.key: self._cursors[ch.name] for ch in active}
         reply = await self.broker.call(
-            lambda: r.xread(streams, count=self._batch, block=self._block)  # type: ignore[arg-type]
+            lambda: r.xread(streams, count=self._batch, block=self._block)
         )
         merged: list[Message[Any]] = []
         for key, rows in reply or []:

@@ -13,6 +13,7 @@ import random
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import broker
 from broker import EmbeddedServer
@@ -45,12 +46,13 @@ async def run(url: str, messages: int = 30, consumers: int = 3) -> int:
     async with broker.connect(url, namespace=namespace) as b:
         orders = b.channel("orders")
         done = asyncio.Event()
-        streams: list[broker.Subscription] = []
+        streams: list[broker.Subscription[Any]] = []
 
         async def consumer(n: int) -> None:
             color = COLORS[n % len(COLORS)]
-            async with orders.subscribe(group="billing", consumer=f"consumer-{n}", start="all",
-                                        prefetch=2) as stream:
+            async with orders.subscribe(
+                group="billing", consumer=f"consumer-{n}", start="all", prefetch=2
+            ) as stream:
                 streams.append(stream)
                 async for msg in stream:
                     await asyncio.sleep(random.uniform(0.05, 0.25))  # "work"
@@ -58,8 +60,13 @@ async def run(url: str, messages: int = 30, consumers: int = 3) -> int:
                         print(f"  duplicate {msg.id}")
                     received[msg.id] = f"consumer-{n}"
                     msg.ack()
-                    print(_paint(f"  consumer-{n} <- order #{msg.data['order']} "
-                                 f"({msg.data['item']}) id={msg.id}", color))
+                    print(
+                        _paint(
+                            f"  consumer-{n} <- order #{msg.data['order']} "
+                            f"({msg.data['item']}) id={msg.id}",
+                            color,
+                        )
+                    )
                     if len(received) >= messages:
                         done.set()
 
@@ -78,7 +85,9 @@ async def run(url: str, messages: int = 30, consumers: int = 3) -> int:
         info = await orders.info()
     per = {c: list(received.values()).count(c) for c in sorted(set(received.values()))}
     pending = sum(g.pending for g in info.groups)
-    print(f"\n{len(received)}/{messages} orders delivered, split {per}; pending after acks: {pending}")
+    print(
+        f"\n{len(received)}/{messages} orders delivered, split {per}; pending after acks: {pending}"
+    )
     return 0 if len(received) == messages and pending == 0 else 1
 
 

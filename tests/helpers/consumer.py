@@ -19,7 +19,11 @@ async def main() -> None:
     hold = float(sys.argv[7]) if len(sys.argv) > 7 else 0.0
     async with broker.connect(url, namespace=ns) as b:
         async with b.channel(channel).subscribe(
-            group=group, consumer=consumer, start="all", prefetch=4, claim_idle=1.0,
+            group=group,
+            consumer=consumer,
+            start="all",
+            prefetch=4,
+            claim_idle=1.0,
             claim_interval=0.2,
         ) as messages:
             with open(out, "a", buffering=1) as f:

@@ -1,6 +1,7 @@
 """A consumer with a group-wide concurrency limit, in its own process.
 
-usage: python -m tests.helpers.group_worker URL NAMESPACE CHANNEL GROUP CONSUMER LOCAL GROUP_LIMIT HOLD LEASE
+usage: python -m tests.helpers.group_worker URL NAMESPACE CHANNEL GROUP CONSUMER
+                                            LOCAL GROUP_LIMIT HOLD LEASE
 
 Each handler increments ``<ns>:gauge`` in Redis, records the highest value in ``<ns>:peak``
 (atomically), sleeps HOLD seconds and decrements. Runs until killed or stopped by token "end".
@@ -39,9 +40,17 @@ async def main() -> None:
         async with b.stop_token("end") as stop:
             print("ready", flush=True)
             await b.consume(
-                channel, handler, group=group, consumer=consumer, start="all",
-                concurrency=int(local), group_concurrency=int(limit), lease=float(lease),
-                stop=stop, claim_idle=2.0, claim_interval=0.2,
+                channel,
+                handler,
+                group=group,
+                consumer=consumer,
+                start="all",
+                concurrency=int(local),
+                group_concurrency=int(limit),
+                lease=float(lease),
+                stop=stop,
+                claim_idle=2.0,
+                claim_interval=0.2,
             )
 
 

@@ -10,7 +10,9 @@ import broker
 from tests.conftest import compare_ids
 
 
-async def consume_until(messages: broker.Subscription, into: list[str], stop: asyncio.Event) -> None:
+async def consume_until(
+    messages: broker.Subscription, into: list[str], stop: asyncio.Event
+) -> None:
     async for msg in messages:
         into.append(msg.id)
         msg.ack()
@@ -31,6 +33,7 @@ async def test_k_consumers_share_and_two_groups_each_see_all(
         for s in (*subs, other):
             await s.__aenter__()
         try:
+
             async def drain(sub: broker.Subscription, out: list[str], total: int) -> None:
                 async for msg in sub:
                     out.append(msg.id)
@@ -40,7 +43,10 @@ async def test_k_consumers_share_and_two_groups_each_see_all(
                     if sub is other and len(out) >= total:
                         return
 
-            tasks = [asyncio.create_task(drain(s, per_consumer[c], 600)) for s, c in zip(subs, per_consumer)]
+            tasks = [
+                asyncio.create_task(drain(s, per_consumer[c], 600))
+                for s, c in zip(subs, per_consumer, strict=True)
+            ]
             await drain(other, other_group, 600)
             while sum(map(len, per_consumer.values())) < 600:
                 await asyncio.sleep(0.01)
@@ -65,7 +71,11 @@ async def test_messages_carry_fields(client: broker.Broker, name: str) -> None:
     async with ch.subscribe(group="g", start="all") as messages:
         msg = await anext(messages)
         assert (msg.id, msg.channel, msg.data, msg.headers, msg.deliveries) == (
-            mid, name, {"x": [1, 2]}, {"trace": "abc"}, 1
+            mid,
+            name,
+            {"x": [1, 2]},
+            {"trace": "abc"},
+            1,
         )
         assert abs(msg.timestamp.timestamp() * 1000 - int(mid.split("-")[0])) < 1
         msg.ack()
@@ -95,7 +105,9 @@ async def test_codecs_json_and_raw(client: broker.Broker, name: str, raw: aiored
     assert got == {js.name: {"a": 1}, rw.name: b"\x00\xff"}
 
 
-async def test_wire_format(client: broker.Broker, name: str, raw: aioredis.Redis, namespace: str) -> None:
+async def test_wire_format(
+    client: broker.Broker, name: str, raw: aioredis.Redis, namespace: str
+) -> None:
     ch = client.channel(name)
     await ch.publish({"k": "v"}, headers={"h1": "x"})
     await ch.publish(1)
@@ -108,7 +120,9 @@ async def test_wire_format(client: broker.Broker, name: str, raw: aioredis.Redis
     assert set(rows[1][1]) == {b"d"}, "no h field without headers"
 
 
-async def test_prefetch_bounds_the_pending_list(client: broker.Broker, name: str, raw: aioredis.Redis) -> None:
+async def test_prefetch_bounds_the_pending_list(
+    client: broker.Broker, name: str, raw: aioredis.Redis
+) -> None:
     ch = client.channel(name)
     await ch.publish_many(range(100))
     async with ch.subscribe(group="g", start="all", prefetch=5) as messages:
@@ -124,7 +138,9 @@ async def test_prefetch_bounds_the_pending_list(client: broker.Broker, name: str
         nxt.ack()
 
 
-async def test_retention_maxlen_and_max_age(client: broker.Broker, name: str, raw: aioredis.Redis) -> None:
+async def test_retention_maxlen_and_max_age(
+    client: broker.Broker, name: str, raw: aioredis.Redis
+) -> None:
     ch = client.channel(name, maxlen=10)
     await ch.publish_many(range(2000))
     assert await raw.xlen(ch.key) < 300  # approximate trimming: within a node or so of 10
@@ -171,7 +187,9 @@ async def test_publish_many_with_headers(client: broker.Broker, name: str) -> No
     assert [a.id, b.id] == ids and (a.headers, b.headers) == ({"k": "1"}, {})
 
 
-async def test_chunked_ack_is_one_xack(client: broker.Broker, name: str, raw: aioredis.Redis) -> None:
+async def test_chunked_ack_is_one_xack(
+    client: broker.Broker, name: str, raw: aioredis.Redis
+) -> None:
     ch = client.channel(name)
     await ch.publish_many(range(10))
     async with ch.subscribe(group="g", start="all", prefetch=10) as messages:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -78,8 +77,11 @@ async def test_poison_foreign_and_trimmed_entries_do_not_stop_the_consumer(
     if cli:
         host_port = redis_url.split("//")[1].split("/")[0]
         host, port = host_port.rsplit(":", 1)
-        subprocess.run([cli, "-h", host, "-p", port, "XADD", ch.key, "*", "sensor", "7", "unit", "C"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [cli, "-h", host, "-p", port, "XADD", ch.key, "*", "sensor", "7", "unit", "C"],
+            check=True,
+            capture_output=True,
+        )
     else:
         await raw.xadd(ch.key, {"sensor": "7", "unit": "C"})
     good = await ch.publish("good")
@@ -117,7 +119,9 @@ async def test_redelivered_past_max_deliveries_goes_to_dead_letters(
     assert "without an ack" in (await ch.dead_letters())[0].error
 
 
-async def test_restart_under_same_name_replays_pending_at_once(client: broker.Broker, name: str) -> None:
+async def test_restart_under_same_name_replays_pending_at_once(
+    client: broker.Broker, name: str
+) -> None:
     ch = client.channel(name)
     sent = await ch.publish_many(range(10))
     async with ch.subscribe(group="g", consumer="slot-1", start="all", prefetch=10) as m:
@@ -165,8 +169,18 @@ async def test_consumer_killed_with_sigkill_loses_nothing(
     sent = await ch.publish_many(range(40))
     out = tmp_path / "victim.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers.consumer", redis_url, namespace, name, "g", "victim",
-         str(out), "0.05"],
+        [
+            sys.executable,
+            "-m",
+            "tests.helpers.consumer",
+            redis_url,
+            namespace,
+            name,
+            "g",
+            "victim",
+            str(out),
+            "0.05",
+        ],
         cwd=ROOT,
     )
     try:
@@ -181,7 +195,9 @@ async def test_consumer_killed_with_sigkill_loses_nothing(
     got_unacked = {ln.split()[1] for ln in lines if ln.startswith("got ")} - acked
     assert got_unacked, "the victim died holding unacked messages"
     received: set[str] = set()
-    async with ch.subscribe(group="g", consumer="survivor", claim_idle=0.5, claim_interval=0.1) as m:
+    async with ch.subscribe(
+        group="g", consumer="survivor", claim_idle=0.5, claim_interval=0.1
+    ) as m:
         async with asyncio.timeout(20):
             async for msg in m:
                 received.add(msg.id)
@@ -209,7 +225,9 @@ async def test_group_deleted_under_subscription_raises_typed_error(
                 await anext(m)
 
 
-async def test_wrong_type_key_is_a_clear_error(client: broker.Broker, name: str, raw: aioredis.Redis) -> None:
+async def test_wrong_type_key_is_a_clear_error(
+    client: broker.Broker, name: str, raw: aioredis.Redis
+) -> None:
     ch = client.channel(name)
     await raw.set(ch.key, "not a stream")
     with pytest.raises(broker.WrongTypeError, match="not a Redis stream"):

@@ -19,7 +19,9 @@ def server() -> Iterator[EmbeddedServer]:
         yield s
 
 
-async def test_redis_restart_during_publish_and_consume_loses_nothing(server: EmbeddedServer) -> None:
+async def test_redis_restart_during_publish_and_consume_loses_nothing(
+    server: EmbeddedServer,
+) -> None:
     sent: list[str] = []
     received: set[str] = set()
     payloads: dict[str, int] = {}

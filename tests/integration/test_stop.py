@@ -51,7 +51,9 @@ async def test_stop_stream_on_a_plain_async_iterable() -> None:
     assert got == list(range(11))
 
 
-async def test_remote_stop_ends_subscription_cooperatively(client: broker.Broker, name: str) -> None:
+async def test_remote_stop_ends_subscription_cooperatively(
+    client: broker.Broker, name: str
+) -> None:
     ch = client.channel(name)
     sent = await ch.publish_many(range(40))
     handled: list[str] = []
@@ -75,7 +77,9 @@ async def test_remote_stop_ends_subscription_cooperatively(client: broker.Broker
     await client.stop_source("job").reset()
 
 
-async def test_token_created_after_stop_fires_at_once_and_reset_clears(client: broker.Broker) -> None:
+async def test_token_created_after_stop_fires_at_once_and_reset_clears(
+    client: broker.Broker,
+) -> None:
     src = client.stop_source("deploy")
     await src.stop("rolled back", ttl=60)
     assert await src.status() == (True, "rolled back")
@@ -88,9 +92,10 @@ async def test_token_created_after_stop_fires_at_once_and_reset_clears(client: b
 
 async def test_scoped_tokens_parent_fires_children(client: broker.Broker) -> None:
     async with client.stop_token("fleet") as fleet:
-        async with client.stop_token("fleet/worker-1", parent=fleet) as w1, client.stop_token(
-            "fleet/worker-2", parent=fleet
-        ) as w2:
+        async with (
+            client.stop_token("fleet/worker-1", parent=fleet) as w1,
+            client.stop_token("fleet/worker-2", parent=fleet) as w2,
+        ):
             await client.stop_source("fleet/worker-1").stop("just me")
             await asyncio.wait_for(w1.wait(), 5)
             await asyncio.sleep(0.05)
@@ -102,7 +107,11 @@ async def test_scoped_tokens_parent_fires_children(client: broker.Broker) -> Non
 
 
 async def test_many_tokens_share_one_pubsub_connection(client: broker.Broker, raw) -> None:  # type: ignore[no-untyped-def]
-    async with client.stop_token("a1") as t1, client.stop_token("a2") as t2, client.stop_token("a1") as t3:
+    async with (
+        client.stop_token("a1") as t1,
+        client.stop_token("a2") as t2,
+        client.stop_token("a1") as t3,
+    ):
         clients = await raw.client_list(_type="pubsub")
         mine = [c for c in clients if c.get("name") == "broker-py"]
         assert len(mine) == 1, clients
@@ -112,14 +121,18 @@ async def test_many_tokens_share_one_pubsub_connection(client: broker.Broker, ra
     await client.stop_source("a1").reset()
 
 
-async def test_disconnected_process_stops_once_it_reconnects(redis_url: str, namespace: str) -> None:
+async def test_disconnected_process_stops_once_it_reconnects(
+    redis_url: str, namespace: str
+) -> None:
     host, port = redis_url.split("//")[1].split("/")[0].rsplit(":", 1)
     proxy = Proxy(host, int(port))
     await proxy.start()
     via_proxy = f"redis://127.0.0.1:{proxy.port}/0"
     try:
-        async with broker.connect(via_proxy, namespace=namespace, reconnect_deadline=30) as cut_off, \
-                broker.connect(redis_url, namespace=namespace) as other:
+        async with (
+            broker.connect(via_proxy, namespace=namespace, reconnect_deadline=30) as cut_off,
+            broker.connect(redis_url, namespace=namespace) as other,
+        ):
             async with cut_off.stop_token("net") as token:
                 await proxy.cut()
                 await other.stop_source("net").stop("while you were away")
@@ -140,8 +153,19 @@ async def test_three_processes_stop_together_and_lose_nothing(
     outs = [tmp_path / f"w{i}.log" for i in range(3)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.stop_worker", redis_url, namespace, name, "g",
-             f"w{i}", "halt", str(out), "0.02"],
+            [
+                sys.executable,
+                "-m",
+                "tests.helpers.stop_worker",
+                redis_url,
+                namespace,
+                name,
+                "g",
+                f"w{i}",
+                "halt",
+                str(out),
+                "0.02",
+            ],
             cwd=ROOT,
         )
         for i, out in enumerate(outs)

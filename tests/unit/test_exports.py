@@ -9,7 +9,9 @@ def test_public_names() -> None:
     )
     for name in broker.__all__:
         assert hasattr(broker, name), name
-    assert {n for n in dir(broker) if not n.startswith("_") and n[0].isupper()} <= set(broker.__all__)
+    assert {n for n in dir(broker) if not n.startswith("_") and n[0].isupper()} <= set(
+        broker.__all__
+    )
 
 
 def test_library_does_not_import_applications() -> None:

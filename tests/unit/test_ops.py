@@ -83,7 +83,7 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
     # Polling on purpose: the predicates read state that the code under test changes
     # without signalling, and an Event there would be a change to that code.
     async with asyncio.timeout(HANG):
-        while not predicate():  # noqa: ASYNC110
+        while not predicate():
             await asyncio.sleep(0)
 
 

@@ -1,0 +1,256 @@
+"""How messages and tables look on stdout.
+
+Four message formats, one per class with ``write(msg)``:
+
+- ``JsonLines`` (piped output, ``--json``): one object per line with ``channel``, ``id``,
+  ``timestamp`` (ISO 8601, UTC), ``headers`` and ``data``; ``"foreign": true`` when the entry
+  had no ``d`` field (``data`` is then its fields); ``"error"`` and ``fields`` (the raw entry)
+  instead of aborting when the payload cannot be decoded. Bytes are written as
+  ``{"$base64": "..."}``, so they never pass for text.
+- ``Pretty`` (a terminal, ``--pretty``): channel, id, local time and headers on one colored line,
+  then the data as JSON, indented when it does not fit the line.
+- ``RawPayloads`` (``--raw``): the payload bytes as stored, newline separated.
+- ``Template`` (``--format``): ``{channel} {id} {time} {ms} {headers} {data} {error}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+import string
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import click
+
+from broker import Message
+
+from ._common import note
+
+__all__ = [
+    "TOKENS",
+    "JsonLines",
+    "MessageOutput",
+    "Pretty",
+    "RawPayloads",
+    "Template",
+    "check_template",
+    "dump",
+    "duration",
+    "jsonable",
+    "local_time",
+    "message_record",
+    "table",
+]
+
+TOKENS = ("channel", "id", "time", "ms", "headers", "data", "error")
+
+
+# -- values ------------------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with everything JSON cannot hold made explicit (bytes as ``{"$base64": ...}``)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$base64": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, dict):
+        return {_key(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)  # msgpack ExtType, Timestamp, ...
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, bytes):
+        return key.decode("utf-8", "backslashreplace")
+    return key if isinstance(key, str) else json.dumps(jsonable(key))
+
+
+def dump(value: Any, indent: int | None = None) -> str:
+    """JSON text of an already :func:`jsonable` value."""
+    separators = None if indent else (", ", ": ")
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators)
+
+
+def iso(msg: Message[Any]) -> str:
+    return msg.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def local_time(when: datetime) -> str:
+    local = when.astimezone()
+    return f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d}"
+
+
+def duration(seconds: float) -> str:
+    """``850ms``, ``3.2s``, ``5m12s``, ``2h03m``, ``3d04h``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def message_record(msg: Message[Any], *, deliveries: bool = False) -> dict[str, Any]:
+    """The JSON object of one message (see the module docstring)."""
+    record: dict[str, Any] = {
+        "channel": msg.channel,
+        "id": msg.id,
+        "timestamp": iso(msg),
+        "headers": msg.headers,
+        "data": jsonable(msg.data),
+    }
+    if msg.foreign:
+        record["foreign"] = True
+    if msg.error is not None:
+        record["data"] = None
+        record["error"] = msg.error
+        record["fields"] = jsonable(msg.fields)
+    if deliveries:
+        record["deliveries"] = msg.deliveries
+    return record
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(str(r[i])) for r in (headers, *rows)) for i in range(len(headers))]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in (headers, *rows)
+    ]
+
+
+# -- message outputs ----------------------------------------------------------------------------
+
+
+class MessageOutput(Protocol):
+    def write(self, msg: Message[Any]) -> None: ...
+
+
+class JsonLines:
+    def __init__(self, *, deliveries: bool = False) -> None:
+        self._out = sys.stdout
+        self._deliveries = deliveries
+
+    def write(self, msg: Message[Any]) -> None:
+        record = message_record(msg, deliveries=self._deliveries)
+        try:
+            line = json.dumps(record, ensure_ascii=False)
+            self._out.write(line + "\n")
+        except UnicodeEncodeError:  # a lone surrogate, or a terminal that is not UTF-8
+            self._out.write(json.dumps(record) + "\n")
+        self._out.flush()
+
+
+class Pretty:
+    def __init__(self, *, color: bool, deliveries: bool = False) -> None:
+        self._out = sys.stdout
+        self._color = color
+        self._deliveries = deliveries
+        self._width = shutil.get_terminal_size((100, 24)).columns
+
+    def _style(self, text: str, **kw: Any) -> str:
+        return click.style(text, **kw) if self._color else text
+
+    def write(self, msg: Message[Any]) -> None:
+        parts = [
+            self._style(msg.channel, fg="cyan", bold=True),
+            self._style(msg.id, fg="yellow"),
+            self._style(local_time(msg.timestamp), dim=True),
+        ]
+        plain = len(msg.channel) + len(msg.id) + 25
+        if self._deliveries and msg.deliveries > 1:
+            parts.append(self._style(f"delivery {msg.deliveries}", fg="red"))
+        if msg.headers:
+            h = " ".join(f"{k}={v}" for k, v in msg.headers.items())
+            parts.append(self._style(h, fg="magenta"))
+            plain += len(h) + 1
+        if msg.error is not None:
+            parts.append(self._style(f"cannot decode: {msg.error}", fg="red", bold=True))
+            body = _bytes_text(msg.fields.get(b"d", b""))
+        else:
+            if msg.foreign:
+                parts.append(self._style("(foreign entry)", fg="blue"))
+                plain += 16
+            body = self._body(msg.data, self._width - plain)
+        self._out.write(" ".join(parts) + ("\n" if "\n" in body else " ") + body + "\n")
+        self._out.flush()
+
+    def _body(self, data: Any, room: int) -> str:
+        if isinstance(data, bytes):
+            return _bytes_text(data)
+        value = jsonable(data)
+        text = dump(value)
+        if len(text) <= room or not isinstance(value, dict | list):
+            return text
+        return "\n".join("    " + line for line in dump(value, indent=2).splitlines())
+
+
+def _bytes_text(data: bytes) -> str:
+    text = repr(data)
+    return text if len(text) <= 400 else text[:400] + f"... ({len(data)} bytes)"
+
+
+class RawPayloads:
+    """Payload bytes as stored (binary safe); entries without a payload are noted on stderr."""
+
+    def __init__(self) -> None:
+        self._out = click.get_binary_stream("stdout")
+
+    def write(self, msg: Message[Any]) -> None:
+        payload = msg.fields.get(b"d")
+        if payload is None:
+            note(f"{msg.channel} {msg.id}: foreign entry without a payload, skipped")
+            return
+        self._out.write(payload + b"\n")
+        self._out.flush()
+
+
+def check_template(template: str) -> str:
+    """``template`` if it uses only :data:`TOKENS`.
+
+    :raises click.BadParameter: naming the tokens.
+    """
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+    valid = ", ".join("{" + t + "}" for t in TOKENS)
+    for field in fields:
+        if field not in TOKENS:
+            raise click.BadParameter(f"unknown token {{{field}}}; use {valid}")
+    return template
+
+
+class Template:
+    def __init__(self, template: str) -> None:
+        self._out = sys.stdout
+        self._template = template
+
+    def write(self, msg: Message[Any]) -> None:
+        data = msg.data
+        values = {
+            "channel": msg.channel,
+            "id": msg.id,
+            "time": iso(msg),
+            "ms": msg.id.split("-", 1)[0],
+            "headers": dump(msg.headers),
+            "data": "" if msg.error else data if isinstance(data, str) else dump(jsonable(data)),
+            "error": msg.error or "",
+        }
+        self._out.write(self._template.format_map(values) + "\n")
+        self._out.flush()
