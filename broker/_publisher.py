@@ -8,6 +8,8 @@ import dataclasses
 import time
 from typing import Any
 
+import redis.exceptions as rex
+
 from ._errors import ClosedError, map_redis_errors
 from ._retry import retrying
 
@@ -64,6 +66,7 @@ class Publisher:
         self._space = asyncio.Event()
         self._space.set()
         self._closed = False
+        self._busy = 0  # direct sends in flight
         self._batches = 0
         self._published = 0
         self._largest = 0
@@ -78,6 +81,20 @@ class Publisher:
             await self._space.wait()
         if self._closed:
             raise ClosedError("the broker is closed; publish inside `async with connect()`")
+        if not self._queue and not self._busy and not self._linger:
+            # nothing to coalesce with: skip the hand-off to the drain task (one task switch
+            # and a future less); publishes arriving meanwhile queue up behind this one
+            self._busy += 1
+            try:
+                (result,) = await send_batch(self._redis, [item], self._deadline)
+            finally:
+                self._busy -= 1
+            self._batches += 1
+            self._published += 1
+            self._largest = max(self._largest, 1)
+            if isinstance(result, BaseException):
+                raise result
+            return result
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut))
         self._wake.set()
@@ -130,6 +147,8 @@ async def send_batch(redis: Any, items: list[XAdd], deadline: float) -> list[str
     """
 
     async def once() -> list[Any]:
+        if len(items) == 1 and not (items[0].maxlen and items[0].max_age):
+            return [await _xadd_one(redis, items[0])]  # no pipeline object for one entry
         now_ms = int(time.time() * 1000)
         pipe = redis.pipeline(transaction=False)
         age_trims: dict[str, str] = {}
@@ -160,3 +179,15 @@ async def send_batch(redis: Any, items: list[XAdd], deadline: float) -> list[str
         else:
             out.append(r.decode() if isinstance(r, bytes) else str(r))
     return out
+
+
+async def _xadd_one(redis: Any, it: XAdd) -> Any:
+    try:
+        if it.maxlen is not None:
+            return await redis.xadd(it.key, it.fields, maxlen=it.maxlen, approximate=True)
+        if it.max_age is not None:
+            minid = f"{int(time.time() * 1000) - int(it.max_age * 1000)}-0"
+            return await redis.xadd(it.key, it.fields, minid=minid, approximate=True)
+        return await redis.xadd(it.key, it.fields)
+    except rex.ResponseError as exc:  # per-entry errors are values, as in a pipeline
+        return exc
