@@ -68,6 +68,7 @@ class Broker:
         if self._stack is not None or self._closed:
             raise ClosedError("a Broker can be entered once; call connect() again")
         s = self.settings
+        tcp = {} if s.url.startswith("unix:") else {"socket_keepalive": True}
         with map_redis_errors():
             self._redis = aioredis.Redis.from_url(
                 s.url,
@@ -75,11 +76,11 @@ class Broker:
                 socket_connect_timeout=s.connect_timeout,
                 # a dead peer must not hang a read forever; blocking reads stay far below this
                 socket_timeout=max(15.0, 3 * s.connect_timeout),
-                socket_keepalive=True,
                 health_check_interval=15,
                 # reconnects are ours: after one, subscriptions replay their pending entries
                 retry=Retry(NoBackoff(), 0),
                 client_name="broker-py",
+                **tcp,
             )
         stack = contextlib.AsyncExitStack()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -49,8 +50,8 @@ async def run_consumer(
     messages are in handlers and the subscription's prefetch bounds the rest. On stop (the
     token, ``sub.stop()``) no new message starts; running handlers finish and are acked.
     """
-    if not callable(handler):
-        raise TypeError(f"handler must be an async callable, got {handler!r}")
+    if not _is_async(handler):
+        raise TypeError(f"handler must be an async function (async def), got {handler!r}")
     check_limits(concurrency, group_concurrency, lease)
     slots = asyncio.Semaphore(concurrency)
     group = None
@@ -95,3 +96,9 @@ async def run_consumer(
     finally:
         if remove is not None:
             remove()
+
+
+def _is_async(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )

@@ -260,8 +260,8 @@ class Subscription(Generic[T]):
     def stop(self) -> None:
         """End the iteration between messages (cooperative; safe from any task).
 
-        Nothing more is handed out; a handler already running may still ack its message.
-        Buffered messages are released to other consumers when the subscription closes.
+        Nothing more is handed out; a handler already running may still ack or nack its
+        message. Messages fetched but not handed out are released to other consumers at once.
         """
         if self._stopped:
             return

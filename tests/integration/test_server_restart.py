@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import broker
 from broker import EmbeddedServer
+from broker._server import _free_port, find_server_binary
 from tests.conftest import compare_ids
 
 
@@ -100,3 +103,43 @@ async def test_password_and_acl_user() -> None:
         with pytest.raises(broker.AuthenticationError):
             async with broker.connect(f"redis://127.0.0.1:{s.port}/0") as b:
                 await b.channel("a").publish(3)
+
+
+def _server_has_tls(binary: str) -> bool:
+    argv = [binary, "--tls-port", "1", "--port", "0"]
+    out = subprocess.run(argv, capture_output=True, timeout=10)
+    text = (out.stdout + out.stderr).decode(errors="replace")
+    return "tls-cert-file" in text  # built with TLS: it complains about the missing cert instead
+
+
+async def test_tls_url_and_unix_socket(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    sock = tmp_path / "redis.sock"
+    binary = find_server_binary()
+    tls = _server_has_tls(binary)
+    tls_port = _free_port()
+    extra = ["--unixsocket", str(sock), "--unixsocketperm", "700"]
+    if tls:
+        extra += ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file",
+                  str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+    with EmbeddedServer(extra=extra):
+        async with broker.connect(f"unix://{sock}") as b:
+            mid = await b.channel("over-unix").publish("hello")
+            assert (await b.channel("over-unix").info()).last_id == mid
+        if not tls:
+            pytest.skip(f"{binary} was built without TLS; the unix socket part passed")
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+        async with broker.connect(url) as b:
+            ch = b.channel("over-tls")
+            await ch.publish({"secure": True})
+            async with ch.subscribe(group="g", start="all") as m:
+                assert (await asyncio.wait_for(anext(m), 5)).data == {"secure": True}
+        with pytest.raises(broker.ConnectionLostError):
+            async with broker.connect(f"rediss://127.0.0.1:{tls_port}/0", connect_timeout=2):
+                pass  # the self-signed certificate is not trusted without ssl_ca_certs
