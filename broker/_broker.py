@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as aioredis
@@ -17,6 +16,7 @@ from ._codec import Codec
 from ._errors import ClosedError, ConnectionLostError, map_redis_errors
 from ._names import channel_from_key
 from ._publisher import Publisher
+from ._resource import AsyncResource
 from ._retry import retrying
 from ._settings import Settings
 
@@ -47,7 +47,7 @@ def connect(url: str | None = None, **options: Any) -> Broker:
     return Broker(Settings.from_url(url, **options), **publisher)
 
 
-class Broker:
+class Broker(AsyncResource):
     """A connection pool, a publish batcher and a factory of channels and subscriptions."""
 
     def __init__(self, settings: Settings, **publisher_options: Any) -> None:
@@ -102,11 +102,6 @@ class Broker:
             raise
         self._stack = stack
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Flush queued publishes, stop the batcher and close every connection. Idempotent."""

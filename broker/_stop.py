@@ -19,17 +19,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 
 from ._errors import ClosedError, ConnectionLostError, map_redis_errors
 from ._names import check_channel
+from ._resource import AsyncResource
 from ._retry import Backoff
 
 if TYPE_CHECKING:
-
     from ._broker import Broker
 
 __all__ = ["RemoteStopSource", "RemoteStopToken", "StopSource", "StopToken", "stop_key"]
@@ -237,7 +236,7 @@ class RemoteStopSource:
         return raw is not None, _decode(raw)
 
 
-class RemoteStopToken(StopToken):
+class RemoteStopToken(StopToken, AsyncResource):
     """A token fired by ``broker.stop_source(name).stop()`` from any host.
 
     Use as ``async with broker.stop_token("deploy") as token:``; entering returns once the
@@ -263,11 +262,6 @@ class RemoteStopToken(StopToken):
             self._remove_parent = self._parent.on_stop(lambda p: self._fire(p.reason))
         await self.broker._stop_hub().register(self)
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Unsubscribe (shared connection: the channel is dropped with its last token)."""

@@ -25,7 +25,6 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._codec import unpack_headers
@@ -40,6 +39,7 @@ from ._errors import (
 )
 from ._message import Message
 from ._names import check_group
+from ._resource import AsyncResource
 from ._retry import Backoff, retrying
 from ._scripts import DEAD_LETTER, PRUNE_CONSUMER
 
@@ -88,7 +88,7 @@ class _DeadOp:
     deliveries: int
 
 
-class Subscription(Generic[T]):
+class Subscription(AsyncResource, Generic[T]):
     """Consume channels as a member of a consumer group (at-least-once).
 
     Use as ``async with broker.subscribe(["a", "b"], group="g") as messages: async for msg in
@@ -224,11 +224,6 @@ class Subscription(Generic[T]):
                 self._tasks.create_task(self._guard(loop), name=f"{self!r} {loop.__name__}")
             )
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop reading, release what was fetched but not handed out, flush acks. Idempotent.
