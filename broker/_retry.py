@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,8 @@ from typing import TypeVar
 from ._errors import AuthenticationError, ConnectionLostError, map_redis_errors
 
 __all__ = ["Backoff", "retrying"]
+
+log = logging.getLogger("broker.connection")
 
 R = TypeVar("R")
 
@@ -36,6 +39,7 @@ class Backoff:
         now = time.monotonic()
         if self.since is None:
             self.since = now
+            log.warning("connection lost (%s); reconnecting for up to %gs", exc, self.deadline)
         elapsed = now - self.since
         if elapsed >= self.deadline:
             raise ConnectionLostError(

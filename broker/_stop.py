@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 __all__ = ["RemoteStopSource", "RemoteStopToken", "StopSource", "StopToken", "stop_key"]
 
 log = logging.getLogger("broker.stop")
+#: seconds between a pub/sub PING (and a read of every stop key) and the PONG deadline
+CHECK_INTERVAL = 2.0
+PONG_DEADLINE = 5.0
 T = TypeVar("T")
 
 
@@ -183,6 +186,10 @@ def _encode(reason: str | None) -> bytes:
     return msgpack.packb({"reason": reason, "at": time.time()})  # type: ignore[no-any-return]
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 def _decode(raw: bytes | str | None) -> str | None:
     if raw is None:
         return None
@@ -206,8 +213,9 @@ class RemoteStopSource:
     async def stop(self, reason: str | None = None, *, ttl: float | None = None) -> int:
         """Record the stop (expiring after ``ttl`` seconds if given) and publish it.
 
-        Returns how many processes' pub/sub connections received it (tokens that were
-        disconnected see the key when they reconnect).
+        Returns how many pub/sub connections the server sent it to (a host whose network is
+        cut still counts until the server notices); every token also reads the key after a
+        reconnect and every few seconds, so a lost message delays the stop but never loses it.
         """
         if ttl is not None and ttl <= 0:
             raise ValueError(f"ttl must be > 0 seconds, got {ttl!r}")
@@ -361,7 +369,15 @@ class StopHub:
                 pass
 
     async def _reader(self) -> None:
+        """Dispatch pub/sub messages; detect a stalled connection; poll the keys.
+
+        Every ``CHECK_INTERVAL`` the reader PINGs on the pub/sub connection (a partition that
+        stalls TCP raises no error: without a PONG in ``PONG_DEADLINE`` it reconnects) and reads
+        every stop key, so a stop whose publish was lost is seen within a few seconds anyway.
+        """
         backoff = Backoff(self.broker.settings.reconnect_deadline)
+        last_check = time.monotonic()
+        ping_sent: float | None = None
         while True:
             pubsub = self._pubsub
             if pubsub is None or not self._tokens:
@@ -369,10 +385,23 @@ class StopHub:
                 await self._wake.wait()
                 continue
             try:
+                now = time.monotonic()
+                if ping_sent is not None and now - ping_sent > PONG_DEADLINE:
+                    raise ConnectionLostError(
+                        f"pub/sub connection stalled (no PONG in {PONG_DEADLINE:g}s)"
+                    )
+                if now - last_check >= CHECK_INTERVAL:
+                    last_check = now
+                    await self._poll_keys()
+                    if ping_sent is None:
+                        with map_redis_errors():
+                            await pubsub.ping()
+                        ping_sent = now
                 with map_redis_errors():
                     msg = await pubsub.get_message(timeout=1.0)
                 backoff.reset()
             except ConnectionLostError as exc:
+                ping_sent = None
                 if self._pubsub is not pubsub:
                     continue
                 self.reconnects += 1
@@ -386,10 +415,11 @@ class StopHub:
             if msg is None:
                 continue
             kind = msg.get("type")
-            channel = (
-                msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
-            )
-            if kind == b"subscribe" or kind == "subscribe":
+            if kind in (b"pong", "pong"):
+                ping_sent = None
+                continue
+            channel = _text(msg["channel"])
+            if kind in (b"subscribe", "subscribe"):
                 ev = self._confirmed.get(channel)
                 if ev is not None:
                     ev.set()
@@ -398,10 +428,34 @@ class StopHub:
                 for token in list(self._tokens.get(channel, ())):
                     token._fire(reason)
 
+    async def _poll_keys(self) -> None:
+        """Read every stop key once (bounded: a stalled connection must not stall the reader)."""
+        keys = [k for k, tokens in self._tokens.items() if any(not t.stopped for t in tokens)]
+        if not keys:
+            return
+        try:
+            async with asyncio.timeout(CHECK_INTERVAL):
+                with map_redis_errors():
+                    values = await self._redis.mget(keys)
+        except (TimeoutError, ConnectionLostError) as exc:
+            log.debug("stop tokens: key poll failed (%s)", exc)
+            return
+        for key, raw in zip(keys, values, strict=True):
+            if raw is not None:
+                for token in list(self._tokens.get(key, ())):
+                    token._fire(_decode(raw))
+
     async def _recover(self, backoff: Backoff, exc: ConnectionLostError) -> None:
         """Resubscribe everything, then read every key: stops published meanwhile were lost."""
         while self._tokens:
-            await backoff.wait(exc)
+            try:
+                await backoff.wait(exc)
+            except ConnectionLostError as gone:
+                # a hub has no caller to raise to: keep trying, at the backoff's cap
+                log.error("stop tokens: %s; still retrying", gone)
+                backoff.reset()
+                backoff.attempt = 10
+                continue
             keys = list(self._tokens)
             try:
                 with map_redis_errors():

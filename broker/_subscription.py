@@ -555,7 +555,6 @@ class Subscription(AsyncResource, Generic[T]):
             except ConnectionLostError as exc:
                 if backoff.since is None:
                     self._stats["reconnects"] += 1
-                    log.warning("%r: connection lost (%s); reconnecting", self, exc)
                 await backoff.wait(exc)
                 # a reply lost with the connection may have moved entries to our pending list
                 replay = {c.name for c in self.channels}
@@ -757,11 +756,13 @@ class Subscription(AsyncResource, Generic[T]):
                 self._readable.set()
 
     async def _heartbeat_loop(self) -> None:
-        """Keep long-running handlers' entries from looking idle to other consumers."""
+        """Keep held entries (buffered, in handlers, waiting for retry) from looking idle to
+        other consumers, so a slow handler's or a waiting read-ahead's entry is not claimed."""
         period = self.claim_idle / 3
         while True:
             await asyncio.sleep(period)
-            for m in itertools.chain(self._inflight.values(), (m for _, _, m in self._retry)):
+            held = (self._buffer, self._inflight.values(), (m for _, _, m in self._retry))
+            for m in itertools.chain(*held):
                 self._touch.setdefault(m.channel, set()).add(m.id)
             if self._touch:
                 self._ack_wake.set()

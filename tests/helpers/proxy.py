@@ -13,10 +13,16 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stalled: set[asyncio.StreamReader] = set()
+        self._readers: set[asyncio.StreamReader] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def stall(self) -> None:
+        """Freeze every open connection (a partition: no error, no data); new ones work."""
+        self._stalled = {r for r in self._readers}
 
     async def start_again(self) -> None:
         """Listen again on the same port."""
@@ -42,6 +48,7 @@ class Proxy:
             writer.transport.abort()
             return
         self._conns |= {writer, uw}
+        self._readers |= {reader, ur}
         for src, dst in ((reader, uw), (ur, writer)):
             t = asyncio.create_task(self._pipe(src, dst))
             self._tasks.add(t)
@@ -50,6 +57,8 @@ class Proxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                if src in self._stalled:
+                    await asyncio.Event().wait()  # swallowed by the partition, forever
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):

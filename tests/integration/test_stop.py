@@ -145,6 +145,25 @@ async def test_disconnected_process_stops_once_it_reconnects(
         await proxy.cut()
 
 
+async def test_stalled_connection_still_sees_the_stop(redis_url: str, namespace: str) -> None:
+    """A partition that stalls TCP raises nothing: the PONG deadline and the key poll catch it."""
+    host, port = redis_url.split("//")[1].split("/")[0].rsplit(":", 1)
+    proxy = Proxy(host, int(port))
+    await proxy.start()
+    try:
+        async with broker.connect(
+            f"redis://127.0.0.1:{proxy.port}/0", namespace=namespace
+        ) as stalled, broker.connect(redis_url, namespace=namespace) as other:
+            async with stalled.stop_token("partition") as token:
+                proxy.stall()
+                t0 = time.monotonic()
+                await other.stop_source("partition").stop("cut")
+                assert await asyncio.wait_for(token.wait(), 20) == "cut"
+                print(f"stop seen through a stalled connection after {time.monotonic() - t0:.1f}s")
+    finally:
+        await proxy.cut()
+
+
 async def test_three_processes_stop_together_and_lose_nothing(
     client: broker.Broker, name: str, namespace: str, redis_url: str, tmp_path: Path
 ) -> None:

@@ -1,0 +1,72 @@
+"""Fixtures of the multi-host tier: a bridge, three network namespaces ("hosts") and a server.
+
+The session builds the network once (:mod:`tests.multihost.netns`) and starts a private
+``redis-server`` bound to the bridge's address only (so nothing leaves the machine). ``redis_url``
+is overridden here, so the shared ``client`` and ``raw`` fixtures of ``tests/conftest.py`` talk to
+that server from the root namespace, over the bridge address.
+
+No skip: if the namespaces cannot be created (not root, no ``ip netns``) every test of this tier
+fails with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.multihost.netns import Host, HostProcess, Network, NetworkError
+
+
+@pytest.fixture(scope="session")
+def net() -> Iterator[Network]:
+    network = Network(n_hosts=3)
+    problem = None
+    try:
+        network.build()
+    except NetworkError as exc:
+        problem = str(exc)
+    if problem is not None:  # outside the except: the report shows the reason, not a chain
+        pytest.fail(f"multihost: cannot build the test network: {problem}", pytrace=False)
+    print(
+        f"\n[multihost] bridge {network.bridge} {network.gateway}/24, server {network.url}, "
+        + ", ".join(f"{h.netns}={h.ip} ({h.veth_root}<->{h.veth_host})" for h in network.hosts)
+    )
+    try:
+        yield network
+    finally:
+        network.teardown()
+
+
+@pytest.fixture(scope="session")
+def redis_url(net: Network) -> str:
+    """The bridge's server (overrides the loopback one of ``tests/conftest.py`` here)."""
+    return net.url
+
+
+Spawn = Callable[[Host, str, list[str], str], HostProcess]
+
+
+@pytest.fixture
+def spawn(net: Network, tmp_path: Path) -> Iterator[Spawn]:
+    """``spawn(host, module, args, tag)``: run ``python -m module args`` inside ``host``.
+
+    Every process started through it is SIGKILLed (by PID) at the end of the test if still
+    running; its stdout/stderr are files in the test's tmp dir. Every host's link is up again
+    afterwards.
+    """
+    started: list[HostProcess] = []
+
+    def start(host: Host, module: str, args: list[str], tag: str) -> HostProcess:
+        hp = net.spawn(host, module, args, tmp_path, tag)
+        started.append(hp)
+        return hp
+
+    try:
+        yield start
+    finally:
+        for hp in started:
+            hp.kill()
+        for host in net.hosts:  # a test that failed while a host was cut must not leave it so
+            net.restore(host)

@@ -1,0 +1,303 @@
+"""A small network of "hosts" on one machine: network namespaces on a bridge.
+
+::
+
+    root namespace                         namespace brkh<sfx>-1   (10.77.X.11)
+      brk<sfx>  10.77.X.1/24  ── vb<sfx>1 ═══ vh<sfx>1
+      (redis-server binds      ── vb<sfx>2 ═══ vh<sfx>2   namespace brkh<sfx>-2 (10.77.X.12)
+       here only)              ── vb<sfx>3 ═══ vh<sfx>3   namespace brkh<sfx>-3 (10.77.X.13)
+
+``X`` and ``<sfx>`` are random (checked against what exists), so parallel or leftover runs do
+not clash; interface names stay well under the kernel's 15 characters. Processes run in a host
+with ``ip netns exec`` (which execs the command: the PID we hold is the Python process itself).
+
+Cutting a host (:meth:`Network.cut`) sets the *root-side* veth down: the bridge port is
+disabled and the host side loses carrier, so every packet either way is dropped silently. TCP
+connections stall (nobody sends a RST or an ICMP error) and resume by retransmission when the
+link comes back, as on a real network partition. Setting the host-side end down would instead
+remove the host's routes, making its new connections fail at once with ENETUNREACH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker import EmbeddedServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class NetworkError(RuntimeError):
+    """The network could not be built (typically: not root, or no ``ip netns``)."""
+
+
+def _ip(*args: str, timeout: float = 10.0) -> str:
+    try:
+        done = subprocess.run(
+            ["ip", *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except FileNotFoundError as exc:
+        raise NetworkError("the `ip` command (iproute2) is not installed") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise NetworkError(f"`ip {' '.join(args)}` did not return in {timeout}s") from exc
+    if done.returncode != 0:
+        raise NetworkError(
+            f"`ip {' '.join(args)}` failed (exit {done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()}"
+        )
+    return done.stdout
+
+
+@dataclass
+class Host:
+    index: int
+    netns: str
+    ip: str
+    veth_root: str  # the bridge port, in the root namespace
+    veth_host: str  # inside the namespace
+
+    def __str__(self) -> str:
+        return f"host{self.index}({self.netns} {self.ip})"
+
+
+@dataclass
+class HostProcess:
+    """A process started in a host; stdout and stderr go to files (no pipe can fill up)."""
+
+    host: Host
+    tag: str
+    proc: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace") if self.out.exists() else ""
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+    def describe(self, tail: int = 1500) -> str:
+        return (
+            f"{self.tag} on {self.host} pid {self.pid} exit {self.proc.poll()}\n"
+            f"  stdout: {self.stdout()[-tail:]!r}\n  stderr: {self.stderr()[-tail:]!r}"
+        )
+
+    def kill(self) -> None:
+        """SIGKILL by PID (if still running) and reap."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+@dataclass
+class Network:
+    n_hosts: int = 3
+    suffix: str = field(default_factory=lambda: secrets.token_hex(2))
+    prefix: str = ""
+    hosts: list[Host] = field(default_factory=list)
+    server: EmbeddedServer | None = None
+    processes: list[HostProcess] = field(default_factory=list)
+    _created_netns: list[str] = field(default_factory=list)
+    _created_links: list[str] = field(default_factory=list)
+
+    @property
+    def bridge(self) -> str:
+        return f"brk{self.suffix}"
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.prefix}.1"
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
+    # -- building -----------------------------------------------------------------------------
+
+    def build(self) -> Network:
+        """Create namespaces, bridge, veths; start the server; check every host reaches it.
+
+        :raises NetworkError: with the reason; whatever was created is removed again.
+        """
+        if os.geteuid() != 0:
+            raise NetworkError(
+                f"the multihost tests need root to create network namespaces (running as uid "
+                f"{os.geteuid()}); run them as root (CI does) or deselect with -m 'not multihost'"
+            )
+        if shutil.which("ip") is None:
+            raise NetworkError("the `ip` command (iproute2) is not installed")
+        try:
+            # one run at a time picks names and a subnet and creates them (parallel runs)
+            with open(Path(tempfile.gettempdir(), "broker-multihost.lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._pick_names()
+                self._build()
+            self.server = EmbeddedServer(bind=self.gateway)
+            self.server.start()
+            for host in self.hosts:
+                self._check_reach(host)
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def _pick_names(self) -> None:
+        links = _ip("-o", "link", "show")
+        netns = _ip("netns", "list")
+        while f"brk{self.suffix}" in links or f"brkh{self.suffix}-" in netns:
+            self.suffix = secrets.token_hex(2)
+        used = _ip("-4", "-o", "addr", "show") + _ip("-4", "route", "show", "table", "all")
+        free = [x for x in range(256) if f"10.77.{x}." not in used]
+        if not free:
+            raise NetworkError("no free 10.77.X.0/24 subnet on this machine")
+        # 0 first (the documented layout), a random free one when it is taken
+        self.prefix = f"10.77.{0 if 0 in free else random.choice(free)}"
+        self.hosts = [
+            Host(
+                index=i,
+                netns=f"brkh{self.suffix}-{i}",
+                ip=f"{self.prefix}.{10 + i}",
+                veth_root=f"vb{self.suffix}{i}",
+                veth_host=f"vh{self.suffix}{i}",
+            )
+            for i in range(1, self.n_hosts + 1)
+        ]
+
+    def _build(self) -> None:
+        first = self.hosts[0].netns
+        try:
+            _ip("netns", "add", first)
+        except NetworkError as exc:
+            raise NetworkError(
+                f"cannot create a network namespace ({exc}); the multihost tests need root "
+                f"and a kernel that allows `ip netns add` (CI runs them as root)"
+            ) from exc
+        self._created_netns.append(first)
+        for host in self.hosts[1:]:
+            _ip("netns", "add", host.netns)
+            self._created_netns.append(host.netns)
+        _ip("link", "add", self.bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        self._created_links.append(self.bridge)
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for host in self.hosts:
+            _ip(
+                "link", "add", host.veth_root, "type", "veth",
+                "peer", "name", host.veth_host, "netns", host.netns,
+            )  # fmt: skip
+            self._created_links.append(host.veth_root)
+            _ip("link", "set", host.veth_root, "master", self.bridge)
+            _ip("link", "set", host.veth_root, "up")
+            _ip("-n", host.netns, "link", "set", "lo", "up")
+            _ip("-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", host.veth_host)
+            _ip("-n", host.netns, "link", "set", host.veth_host, "up")
+
+    def _check_reach(self, host: Host, timeout: float = 15.0) -> None:
+        """From inside ``host``: a TCP connection to the server that answers PING."""
+        assert self.server is not None
+        probe = (
+            "import socket,sys,time\n"
+            "end=time.monotonic()+float(sys.argv[3])\n"
+            "while True:\n"
+            "  try:\n"
+            "    s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=1)\n"
+            "    s.sendall(b'PING\\r\\n'); r=s.recv(16); s.close()\n"
+            "    if r.startswith(b'+PONG'): print('ok'); break\n"
+            "  except OSError as e:\n"
+            "    if time.monotonic()>end: sys.exit(f'unreachable: {e}')\n"
+            "    time.sleep(0.05)\n"
+        )
+        argv = ["ip", "netns", "exec", host.netns, sys.executable, "-c", probe]
+        argv += [self.gateway, str(self.server.port), str(timeout)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
+        if done.returncode != 0 or "ok" not in done.stdout:
+            raise NetworkError(
+                f"{host} cannot reach the server at {self.gateway}:{self.server.port}: "
+                f"{(done.stderr or done.stdout).strip()}"
+            )
+
+    # -- using --------------------------------------------------------------------------------
+
+    def spawn(
+        self, host: Host, module: str, args: list[str], log_dir: Path, tag: str
+    ) -> HostProcess:
+        """``ip netns exec <host> python -m <module> <args>`` with cwd at the repository root."""
+        out, err = log_dir / f"{tag}.out", log_dir / f"{tag}.err"
+        argv = ["ip", "netns", "exec", host.netns, sys.executable, "-m", module, *args]
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe)
+        hp = HostProcess(host, tag, proc, out, err)
+        self.processes.append(hp)
+        return hp
+
+    def cut(self, host: Host) -> None:
+        """Partition ``host``: its packets (and the server's to it) are dropped silently."""
+        _ip("link", "set", host.veth_root, "down")
+
+    def restore(self, host: Host) -> None:
+        _ip("link", "set", host.veth_root, "up")
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        """Kill every process started here (by PID), stop the server, delete links and
+        namespaces. Tries every step; raises at the end if something could not be removed."""
+        problems: list[str] = []
+        for hp in self.processes:
+            try:
+                hp.kill()
+            except Exception as exc:  # go on with the rest
+                problems.append(f"kill {hp.tag} pid {hp.pid}: {exc!r}")
+        if self.server is not None:
+            try:
+                self.server.close()
+            except Exception as exc:
+                problems.append(f"stop redis-server: {exc!r}")
+            self.server = None
+        for ns in reversed(self._created_netns):
+            try:
+                _ip("netns", "del", ns)
+            except NetworkError as exc:
+                problems.append(str(exc))
+        self._created_netns.clear()
+        # deleting a namespace deletes its veth ends and so their peers; the bridge stays
+        deadline = time.monotonic() + 5
+        for link in reversed(self._created_links):
+            while True:
+                try:
+                    _ip("link", "show", link)
+                except NetworkError:
+                    break  # gone
+                try:
+                    _ip("link", "del", link)
+                    break
+                except NetworkError as exc:
+                    if time.monotonic() > deadline:
+                        problems.append(str(exc))
+                        break
+                    time.sleep(0.05)
+        self._created_links.clear()
+        if problems:
+            raise NetworkError("multihost teardown left things behind: " + "; ".join(problems))
