@@ -14,9 +14,9 @@ from redis.backoff import NoBackoff
 
 from ._codec import Codec
 from ._errors import ClosedError, ConnectionLostError, map_redis_errors
-from ._names import channel_from_key
+from ._names import channel_from_key, channel_key
 from ._publisher import Publisher
-from ._resource import AsyncResource
+from ._resource import AsyncResource, cancel_and_wait
 from ._retry import retrying
 from ._settings import Settings
 
@@ -113,8 +113,12 @@ class Broker(AsyncResource):
             return
         if self._hub is not None:
             await self._hub.aclose()
-        if self._publisher_task is not None:
-            self._publisher_task.cancel()  # its finally block sends what is still queued
+        if self._publisher is not None and self._publisher_task is not None:
+            self._publisher.close()  # sends what was accepted, then ends
+            try:
+                await asyncio.wait([self._publisher_task])
+            finally:
+                await cancel_and_wait(self._publisher_task)
         await stack.aclose()
 
     # -- internal accessors -------------------------------------------------------------------
@@ -141,7 +145,8 @@ class Broker(AsyncResource):
 
     async def call(self, fn: Any, channel: str | None = None) -> Any:
         """Run one redis call with reconnects until the deadline and errors mapped."""
-        return await retrying(fn, self.settings.reconnect_deadline, channel)
+        key = None if channel is None else channel_key(self.namespace, channel)
+        return await retrying(fn, self.settings.reconnect_deadline, channel, key)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Start a task owned by this broker (cancelled when it closes)."""

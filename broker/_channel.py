@@ -9,7 +9,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._codec import Codec, get_codec, pack_headers
-from ._errors import ChannelFullError, ConfigurationError, GroupMissingError, RedisCommandError
+from ._errors import (
+    ChannelFullError,
+    ConfigurationError,
+    GroupMissingError,
+    RedisCommandError,
+    WrongTypeError,
+)
 from ._names import channel_key, check_channel, check_group, dead_key
 from ._publisher import XAdd, send_batch
 from ._scripts import REPLAY_DEAD
@@ -23,7 +29,9 @@ __all__ = ["Channel", "ChannelInfo", "ConsumerInfo", "DeadLetter", "GroupInfo", 
 
 T = TypeVar("T")
 DEAD_PREFIX = b"dead."
-_LAG_TTL = 0.05  # seconds a measured lag is trusted before publish asks again
+_LAG_TTL = 0.05
+#: idle seconds beyond which a pending entry counts as released (see Subscription.aclose)
+RELEASED_IDLE = 10**8  # seconds a measured lag is trusted before publish asks again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,12 @@ class PendingEntry:
     consumer: str
     idle: float  # seconds since last delivery
     deliveries: int
+
+    @property
+    def released(self) -> bool:
+        """Fetched but never handed out, and released by a closing subscription: any
+        consumer's next claim takes it at once (its idle time was set to "forever")."""
+        return self.idle >= RELEASED_IDLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +242,17 @@ class Channel(Generic[T]):
         return self.broker.tail([self], **options)
 
     # -- inspection ---------------------------------------------------------------------------
+
+    async def exists(self) -> bool:
+        """Whether the stream exists (a channel exists once published to or subscribed).
+
+        :raises WrongTypeError: if the key holds something other than a stream.
+        """
+        kind = await self.broker.call(lambda: self.broker.redis.type(self.key), self.name)
+        kind = _s(kind)
+        if kind not in ("none", "stream"):
+            raise WrongTypeError(self.name, self.key)
+        return kind == "stream"
 
     async def info(self) -> ChannelInfo:
         """Length, first and last id, groups (with pending and lag) and dead-letter count."""

@@ -46,7 +46,9 @@ class MsgpackCodec:
             # the unpacker's own limits derive from len(raw): no bomb can allocate beyond it
             return msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises several unrelated types
-            raise ValueError(f"invalid msgpack: {exc}") from exc
+            raise ValueError(
+                f"invalid msgpack ({type(exc).__name__}: {exc or 'no detail'})"
+            ) from exc
 
 
 class JsonCodec:

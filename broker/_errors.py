@@ -81,9 +81,9 @@ class WrongTypeError(ChannelError):
     """The key behind a channel holds something other than a stream."""
 
     def __init__(self, channel: str | None, key: str | None = None) -> None:
-        where = f"key {key!r}" if key else "the channel's key"
+        where = f"the key {key!r}" if key else "the key"
         super().__init__(
-            f"{where} of channel {channel!r} is not a Redis stream; "
+            f"{where} of channel {channel!r} is not a Redis stream (it holds another type); "
             "pick another channel name or --namespace, or delete that key",
             channel=channel,
         )
@@ -112,7 +112,7 @@ class RedisCommandError(BrokerError):
 
 
 @contextlib.contextmanager
-def map_redis_errors(channel: str | None = None) -> Iterator[None]:
+def map_redis_errors(channel: str | None = None, key: str | None = None) -> Iterator[None]:
     """Translate redis-py exceptions raised inside the block into the ``BrokerError`` tree."""
     try:
         yield
@@ -127,7 +127,7 @@ def map_redis_errors(channel: str | None = None) -> Iterator[None]:
                 f"authentication failed: {text}; check the username and password in the URL"
             ) from exc
         if text.startswith("WRONGTYPE"):
-            raise WrongTypeError(channel) from exc
+            raise WrongTypeError(channel, key) from exc
         raise RedisCommandError(text) from exc
     except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
         raise ConnectionLostError(f"cannot reach the server: {exc}") from exc

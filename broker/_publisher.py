@@ -101,19 +101,20 @@ class Publisher:
         return await fut
 
     async def run(self) -> None:
-        """The drain loop; runs in the broker's task group until cancelled, then drains."""
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                if self._linger:
-                    await asyncio.sleep(self._linger)
-                await self._drain()
-        finally:
-            self._closed = True
-            if self._queue:
-                # shutting down: send what was accepted, shielded so a cancel cannot drop it
-                await asyncio.shield(self._drain())
+        """The drain loop; runs in the broker's task group until :meth:`close`, then drains."""
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._linger and not self._closed:
+                await asyncio.sleep(self._linger)
+            await self._drain()
+        await self._drain()
+
+    def close(self) -> None:
+        """Refuse new publishes; :meth:`run` sends what was accepted, then returns."""
+        self._closed = True
+        self._wake.set()
+        self._space.set()
 
     async def _drain(self) -> None:
         while self._queue:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 from types import TracebackType
+from typing import Any
 
-__all__ = ["AsyncResource"]
+__all__ = ["AsyncResource", "cancel_and_wait"]
 
 
 class AsyncResource(abc.ABC):
@@ -19,3 +21,15 @@ class AsyncResource(abc.ABC):
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it is done, cancelling again if a cancel got lost.
+
+    On Python 3.11 a cancel that races with a finished ``asyncio.wait_for`` inside redis-py
+    (every command with a socket timeout goes through one) is dropped; repeating it ends a
+    blocking read within milliseconds instead of after the read's own timeout.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.02)

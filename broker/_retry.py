@@ -52,13 +52,16 @@ class Backoff:
 
 
 async def retrying(
-    call: Callable[[], Awaitable[R]], deadline: float, channel: str | None = None
+    call: Callable[[], Awaitable[R]],
+    deadline: float,
+    channel: str | None = None,
+    key: str | None = None,
 ) -> R:
     """Run ``call`` until it succeeds, retrying lost connections until ``deadline`` seconds."""
     backoff = Backoff(deadline)
     while True:
         try:
-            with map_redis_errors(channel):
+            with map_redis_errors(channel, key):
                 return await call()
         except ConnectionLostError as exc:
             await backoff.wait(exc)

@@ -25,7 +25,7 @@ import msgpack
 
 from ._errors import ClosedError, ConnectionLostError, map_redis_errors
 from ._names import check_channel
-from ._resource import AsyncResource
+from ._resource import AsyncResource, cancel_and_wait
 from ._retry import Backoff
 
 if TYPE_CHECKING:
@@ -490,7 +490,6 @@ class StopHub:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
+            await cancel_and_wait(self._task)
             self._task = None
         await self._reset_connection()

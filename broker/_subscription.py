@@ -39,7 +39,7 @@ from ._errors import (
 )
 from ._message import Message
 from ._names import check_group
-from ._resource import AsyncResource
+from ._resource import AsyncResource, cancel_and_wait
 from ._retry import Backoff, retrying
 from ._scripts import DEAD_LETTER, PRUNE_CONSUMER
 
@@ -269,7 +269,7 @@ class Subscription(AsyncResource, Generic[T]):
         """Stop reading, then release what was fetched but not handed out (at once, not at
         close: other consumers can take it while this one finishes its handlers)."""
         if self._fetch_task is not None:
-            await _cancel_and_wait(self._fetch_task)
+            await cancel_and_wait(self._fetch_task)
         if self._error is not None:
             return  # the server is gone or the group deleted: the entries stay pending
         try:
@@ -895,14 +895,3 @@ def _group_by_value(ids: dict[str, int]) -> dict[int, list[str]]:
     for entry_id, value in ids.items():
         out.setdefault(value, []).append(entry_id)
     return out
-
-
-async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait for it, cancelling again if a cancel got lost.
-
-    A cancel that lands while redis-py is between two awaits of one command can be absorbed by
-    its timeout handling; repeating it ends a blocking read within milliseconds, not ``block``.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=0.02)

@@ -122,12 +122,13 @@ class Tail:
 
         async def resolve() -> None:
             for ch in self.channels:
-                if self._last is not None:
-                    rows = await r.xrevrange(ch.key, count=self._last) if self._last else []
-                    newest = await r.xrevrange(ch.key, count=1)
-                    self._cursors[ch.name] = newest[0][0].decode() if newest else "0-0"
+                if self._last:
+                    # one read: the cursor is the newest of these rows, so nothing added
+                    # between two reads can be skipped
+                    rows = await r.xrevrange(ch.key, count=self._last)
+                    self._cursors[ch.name] = rows[0][0].decode() if rows else "0-0"
                     self._ready.extend(self._decode(ch, e) for e in reversed(rows))
-                elif self._start == "new":
+                elif self._last == 0 or self._start == "new":
                     newest = await r.xrevrange(ch.key, count=1)
                     self._cursors[ch.name] = newest[0][0].decode() if newest else "0-0"
                 elif self._start == "beginning":
@@ -141,23 +142,23 @@ class Tail:
         self._ready = collections.deque(sorted(self._ready, key=lambda m: _id_tuple(m.id)))
 
     async def _check_gap(self, ch: Channel[Any], start: str) -> None:
+        """Note a gap when entries at or after ``start`` were deleted or trimmed away."""
         try:
             info = await self.broker.redis.xinfo_stream(ch.key)
         except Exception:  # no such key: nothing was trimmed
             return
         first = info.get("first-entry")
-        deleted = info.get("max-deleted-entry-id")
         first_id = first[0].decode() if first else None
-        if deleted is not None:
-            deleted_id = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
-            if deleted_id != "0-0" and _id_tuple(start) <= _id_tuple(deleted_id):
-                self.gaps[ch.name] = first_id or "(empty)"
-        elif (
-            first_id
-            and _id_tuple(start) < _id_tuple(first_id)
-            and int(info.get("entries-added", info["length"])) > int(info["length"])
-        ):
-            self.gaps[ch.name] = first_id
+        deleted = info.get("max-deleted-entry-id")
+        deleted_id = deleted.decode() if isinstance(deleted, bytes) else deleted
+        # XDEL moves max-deleted-entry-id; XTRIM (and MAXLEN/MINID) only leave fewer entries
+        # than were ever added (Redis 7 counts them in entries-added)
+        by_delete = deleted_id not in (None, "0-0") and _id_tuple(start) <= _id_tuple(deleted_id)
+        added = info.get("entries-added")
+        trimmed = added is not None and int(added) > int(info["length"])  # unknown before 7.0
+        by_trim = first_id is not None and _id_tuple(start) < _id_tuple(first_id) and trimmed
+        if by_delete or by_trim:
+            self.gaps[ch.name] = first_id or "(empty)"
 
     async def __anext__(self) -> Message[Any]:
         await self._begin()

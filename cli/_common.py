@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -39,9 +40,14 @@ class Config:
     def connect(self) -> broker.Broker:
         """An unopened broker (``async with config.connect() as b``).
 
-        :raises ConfigurationError: on a bad URL or namespace.
+        :raises UserError: (usage) on a bad URL or namespace, naming the option to fix.
         """
-        return broker.connect(self.url, namespace=self.namespace)
+        try:
+            return broker.connect(self.url, namespace=self.namespace)
+        except broker.ConfigurationError as exc:
+            fix = "--namespace or BROKER_NAMESPACE" if "namespace" in str(exc) else (
+                "--url or BROKER_URL")
+            raise UserError(f"{exc} (set {fix})", exit_code=2) from exc
 
 
 class UserError(Exception):
@@ -52,9 +58,54 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+#: seconds after which a Ctrl-C whose cancellation was lost is delivered again
+RECANCEL = 1.0
+
+
 def run(coro: Coroutine[Any, Any, R]) -> R:
-    """Run a command's coroutine (the one place that calls ``asyncio.run``)."""
-    return asyncio.run(coro)
+    """Run a command's coroutine (the one place that calls ``asyncio.run``).
+
+    Ctrl-C cancels the coroutine (so ``async with`` blocks close their connections) and then
+    raises ``KeyboardInterrupt``; a second Ctrl-C stops waiting for that cleanup. On Python
+    3.11 a cancellation can be lost when it races with a finished ``asyncio.wait_for`` (redis-py
+    sends every command through one), so while the coroutine keeps running after a Ctrl-C, it
+    is cancelled again every second.
+    """
+    interrupted: list[bool] = []
+    try:
+        return asyncio.run(_interruptible(coro, interrupted))
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
+async def _interruptible(coro: Coroutine[Any, Any, R], interrupted: list[bool]) -> R:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_sigint() -> None:
+        if interrupted:
+            raise KeyboardInterrupt  # a second Ctrl-C: out of the loop, skip the cleanup
+        interrupted.append(True)
+        cancel()
+
+    def cancel() -> None:
+        if not task.done():
+            task.cancel()
+            loop.call_later(RECANCEL, cancel)
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        handled = True
+    except (NotImplementedError, RuntimeError):  # not the main thread (tests), or Windows
+        handled = False
+    try:
+        return await coro
+    finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 def note(text: str) -> None:

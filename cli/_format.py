@@ -6,7 +6,8 @@ Four message formats, one per class with ``write(msg)``:
   ``timestamp`` (ISO 8601, UTC), ``headers`` and ``data``; ``"foreign": true`` when the entry
   had no ``d`` field (``data`` is then its fields); ``"error"`` and ``fields`` (the raw entry)
   instead of aborting when the payload cannot be decoded. Bytes are written as
-  ``{"$base64": "..."}``, so they never pass for text.
+  ``{"$base64": "..."}``, so they never pass for text (a msgpack extension type as
+  ``{"$ext": code, "$base64": "..."}``).
 - ``Pretty`` (a terminal, ``--pretty``): channel, id, local time and headers on one colored line,
   then the data as JSON, indented when it does not fit the line.
 - ``RawPayloads`` (``--raw``): the payload bytes as stored, newline separated.
@@ -22,10 +23,11 @@ import shutil
 import string
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import click
+import msgpack
 
 from broker import Message
 
@@ -41,9 +43,12 @@ __all__ = [
     "check_template",
     "dump",
     "duration",
+    "id_time",
+    "iso_time",
     "jsonable",
     "local_time",
     "message_record",
+    "plural",
     "table",
 ]
 
@@ -61,6 +66,8 @@ def jsonable(value: Any) -> Any:
         return value if math.isfinite(value) else str(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$base64": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, msgpack.ExtType):
+        return {"$ext": value.code, "$base64": base64.b64encode(value.data).decode("ascii")}
     if isinstance(value, dict):
         return {_key(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -83,7 +90,23 @@ def dump(value: Any, indent: int | None = None) -> str:
 
 
 def iso(msg: Message[Any]) -> str:
-    return msg.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_time(msg.timestamp)
+
+
+def iso_time(when: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds: ``2024-05-01T12:00:00.123Z``."""
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def plural(n: int, word: str) -> str:
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
+
+
+def id_time(entry_id: str) -> datetime:
+    """When an entry was added, from its id (UTC)."""
+    return datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, tz=UTC)
 
 
 def local_time(when: datetime) -> str:
@@ -209,7 +232,7 @@ class RawPayloads:
     """Payload bytes as stored (binary safe); entries without a payload are noted on stderr."""
 
     def __init__(self) -> None:
-        self._out = click.get_binary_stream("stdout")
+        self._out = sys.stdout.buffer
 
     def write(self, msg: Message[Any]) -> None:
         payload = msg.fields.get(b"d")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -47,7 +48,8 @@ def _template(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Exit after N messages.")
 @click.option("--group", metavar="G",
               help="Opt-in: read as a member of the existing group G (acks what it prints).")
-@click.option("--consumer", metavar="X", help="The consumer name within --group (required with it).")
+@click.option("--consumer", metavar="X",
+              help="The consumer name within --group (required with it).")
 @click.option("--codec", type=click.Choice(["msgpack", "json", "raw"]), default="msgpack",
               show_default=True, help="How the payloads were encoded.")
 @click.option("--json", "as_json", is_flag=True,
@@ -81,15 +83,19 @@ def tail(
 ) -> None:
     """Print the messages of one or more CHANNELs, merged in id order.
 
-    \b
-    By default: the last 10 messages of each channel, then exit (like tail).
-    -f follows; -n N, --from-beginning or --from ID|TIME pick the start; --until ID|TIME and
-    -c N the end. Each message is labelled with its channel and id.
+    By default: the last 10 messages of each channel, then exit (like tail). -f follows from
+    the last id seen; -n N, --from-beginning or --from ID|TIME pick the start, --until ID|TIME
+    and -c N the end. Each message is labelled with its channel and id.
 
     A tail is read-only: no consumer group, nothing acked, nothing left pending, so it never
     takes messages from workers. Output: readable and colored on a terminal, one JSON object
     per line otherwise (bytes as {"$base64": "..."}; undecodable payloads get an "error"
-    field). Status and gaps (start older than the oldest kept entry) go to stderr.
+    field instead of stopping the tail). Status and gaps (a start older than the oldest kept
+    entry) go to stderr. Ctrl-C and a closed pipe end it with status 0.
+
+    With --group G --consumer X it reads as that member of the existing group instead (from
+    the group's position), and acks each message once printed; without -f it then exits after
+    2 s without a new message.
     """
     if sum(x is not None for x in (last, start)) + from_beginning > 1:
         raise click.UsageError("give only one of -n, --from-beginning and --from")
@@ -115,6 +121,8 @@ def tail(
         assert consumer is not None
         run(_group_tail(config, channels, codec, group, consumer, follow, count, output))
         return
+    if until is not None and int(until.split("-")[0]) < time.time() * 1000 - 1000:
+        follow = False  # ids grow with the clock: nothing can be added at or before --until
     position: dict[str, Any] = {"until": until, "follow": follow, "count": count}
     if from_beginning:
         position["start"] = "beginning"
@@ -157,8 +165,8 @@ async def _tail(
         async with b.tail(channels, **position) as messages:
             for name, first in messages.gaps.items():
                 note(
-                    f"gap in {name!r}: entries before {first} were trimmed, so the start "
-                    f"point is older than the oldest entry; starting at {first}"
+                    f"gap in {name!r}: the start point is older than its oldest entry "
+                    f"(earlier entries were trimmed); starting at {first}"
                 )
             async for msg in messages:
                 output.write(msg)

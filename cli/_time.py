@@ -56,7 +56,7 @@ def to_id(position: str | datetime) -> str:
     return f"{max(0, int(position.timestamp() * 1000))}-0"
 
 
-class PositionType(click.ParamType):
+class PositionType(click.ParamType[str, Any]):
     """A click type for ``--from``/``--until``/``--start``: converts to an entry id.
 
     ``keywords`` (e.g. ``new``, ``all``) pass through unchanged.
@@ -70,11 +70,10 @@ class PositionType(click.ParamType):
             self.name = "|".join((*self.keywords, "ID", "TIME"))
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        if not isinstance(value, str):
-            value = str(value)
-        if value in self.keywords:
-            return value
+        text = str(value)
+        if text in self.keywords:
+            return text
         try:
-            return to_id(parse_position(value))
+            return to_id(parse_position(text))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)

@@ -19,6 +19,7 @@ from typing import Any
 
 import broker
 from broker import StopSource, StopToken
+from broker._resource import cancel_and_wait
 
 from ._health import remove_heartbeat, worker_id, write_heartbeat
 from ._spec import WorkerSpec, load_target
@@ -81,7 +82,7 @@ async def serve(
                         done, _ = await asyncio.wait({work}, timeout=spec.grace)
                         if not done:
                             log.warning("%s: grace period over; cancelling handlers", wid)
-                            work.cancel()
+                            await cancel_and_wait(work)
                     stopper.cancel()
                     heart.cancel()
                 await remove_heartbeat(b, wid)
