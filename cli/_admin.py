@@ -42,16 +42,23 @@ async def _create(config: Config, name: str, group_name: str, start: str) -> boo
 @group.command("create")
 @click.argument("channel")
 @click.argument("group_name", metavar="GROUP")
-@click.option("--start", type=_START, default="new", show_default=True,
-              help="Where the group starts: new (entries added from now on), all, or an id/time.")
+@click.option(
+    "--start",
+    type=_START,
+    default="new",
+    show_default=True,
+    help="Where the group starts: new (entries added from now on), all, or an id/time.",
+)
 @click.pass_obj
 def group_create(config: Config, channel: str, group_name: str, start: str) -> None:
     """Create GROUP on CHANNEL (and the channel if needed); a no-op if it exists."""
     if run(_create(config, channel, group_name, start)):
         click.echo(f"created group {group_name!r} on channel {channel!r} at {start}")
     else:
-        note(f"group {group_name!r} already exists on {channel!r}; unchanged "
-             "(move it with `broker group reset`)")
+        note(
+            f"group {group_name!r} already exists on {channel!r}; unchanged "
+            "(move it with `broker group reset`)"
+        )
 
 
 async def _reset(config: Config, name: str, group_name: str, start: str) -> None:
@@ -64,8 +71,12 @@ async def _reset(config: Config, name: str, group_name: str, start: str) -> None
 @group.command("reset")
 @click.argument("channel")
 @click.argument("group_name", metavar="GROUP")
-@click.option("--start", type=_START, required=True,
-              help="The new position: new (skip everything so far), all, or an id/time.")
+@click.option(
+    "--start",
+    type=_START,
+    required=True,
+    help="The new position: new (skip everything so far), all, or an id/time.",
+)
 @click.pass_obj
 def group_reset(config: Config, channel: str, group_name: str, start: str) -> None:
     """Move GROUP's position on CHANNEL; pending entries stay pending."""
@@ -109,8 +120,12 @@ async def _dead_channel(b: broker.Broker, name: str) -> broker.Channel[Any]:
 
 def _dead_record(d: broker.DeadLetter) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "id": d.id, "original_id": d.original_id, "group": d.group, "consumer": d.consumer,
-        "deliveries": d.deliveries, "error": d.error,
+        "id": d.id,
+        "original_id": d.original_id,
+        "group": d.group,
+        "consumer": d.consumer,
+        "deliveries": d.deliveries,
+        "error": d.error,
     }
     payload = d.fields.get(b"d")
     if payload is None:
@@ -130,8 +145,14 @@ async def _dead_list(config: Config, name: str, count: int) -> list[broker.DeadL
 
 @dead.command("list")
 @click.argument("channel")
-@click.option("-n", "--count", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Show the oldest N dead letters.")
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Show the oldest N dead letters.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON array (with the decoded data).")
 @click.pass_obj
 def dead_list(config: Config, channel: str, count: int, as_json: bool) -> None:
@@ -187,8 +208,10 @@ def dead_replay(config: Config, channel: str, ids: tuple[str, ...]) -> None:
     if new_ids:
         click.echo("\n".join(new_ids))
     skipped = asked - len(new_ids)
-    note(f"replayed {len(new_ids)} dead letters to {channel!r}"
-         + (f"; {skipped} were already replayed or not found" if skipped else ""))
+    note(
+        f"replayed {len(new_ids)} dead letters to {channel!r}"
+        + (f"; {skipped} were already replayed or not found" if skipped else "")
+    )
 
 
 async def _dead_count(config: Config, name: str) -> int:
@@ -244,8 +267,12 @@ async def _stop(
 @click.command()
 @click.argument("name")
 @click.option("--reason", help="Why; shown to the stopped streams [default: who and where].")
-@click.option("--ttl", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Forget the stop after this long (hosts starting later no longer see it).")
+@click.option(
+    "--ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Forget the stop after this long (hosts starting later no longer see it).",
+)
 @click.option("--reset", is_flag=True, help="Clear the stop instead, so streams may start again.")
 @click.pass_obj
 def stop(config: Config, name: str, reason: str | None, ttl: float | None, reset: bool) -> None:
@@ -258,5 +285,7 @@ def stop(config: Config, name: str, reason: str | None, ttl: float | None, reset
         click.echo(f"reset stop token {name!r}" if result else f"stop token {name!r} was not set")
         return
     expiry = f"; the record expires in {duration(ttl)}" if ttl else ""
-    click.echo(f"fired stop token {name!r}: {result} listening processes got it now, later ones "
-               f"see the record{expiry}")
+    click.echo(
+        f"fired stop token {name!r}: {result} listening processes got it now, later ones "
+        f"see the record{expiry}"
+    )

@@ -45,8 +45,11 @@ class Config:
         try:
             return broker.connect(self.url, namespace=self.namespace)
         except broker.ConfigurationError as exc:
-            fix = "--namespace or BROKER_NAMESPACE" if "namespace" in str(exc) else (
-                "--url or BROKER_URL")
+            fix = (
+                "--namespace or BROKER_NAMESPACE"
+                if "namespace" in str(exc)
+                else ("--url or BROKER_URL")
+            )
             raise UserError(f"{exc} (set {fix})", exit_code=2) from exc
 
 

@@ -28,15 +28,18 @@ async def _report(ch: broker.Channel[Any]) -> dict[str, Any]:
     groups = []
     for g in info.groups:
         consumers = await ch.consumers(g.name)
-        groups.append({
-            "name": g.name,
-            "consumers": [
-                {"name": c.name, "pending": c.pending, "idle": round(c.idle, 3)} for c in consumers
-            ],
-            "pending": g.pending,
-            "lag": g.lag,
-            "last_delivered_id": g.last_delivered_id,
-        })
+        groups.append(
+            {
+                "name": g.name,
+                "consumers": [
+                    {"name": c.name, "pending": c.pending, "idle": round(c.idle, 3)}
+                    for c in consumers
+                ],
+                "pending": g.pending,
+                "lag": g.lag,
+                "last_delivered_id": g.last_delivered_id,
+            }
+        )
     return {
         "name": info.name,
         "length": info.length,
@@ -112,15 +115,21 @@ def channels(config: Config, as_json: bool) -> None:
     for r in reports:
         lags = [g["lag"] for g in r["groups"]]
         r["max_lag"] = None if None in lags else max(lags, default=0)
-        rows.append([
-            r["name"], str(r["length"]), str(len(r["groups"])),
-            "?" if r["max_lag"] is None else str(r["max_lag"]), str(r["dead_letters"]),
-            "-" if r["last_id"] is None else local_time(id_time(r["last_id"])),
-        ])
+        rows.append(
+            [
+                r["name"],
+                str(r["length"]),
+                str(len(r["groups"])),
+                "?" if r["max_lag"] is None else str(r["max_lag"]),
+                str(r["dead_letters"]),
+                "-" if r["last_id"] is None else local_time(id_time(r["last_id"])),
+            ]
+        )
     if as_json:
         keys = ("name", "length", "first_id", "last_id", "last_time", "dead_letters", "max_lag")
-        out = [{k: r[k] for k in keys} | {"groups": [g["name"] for g in r["groups"]]}
-               for r in reports]
+        out = [
+            {k: r[k] for k in keys} | {"groups": [g["name"] for g in r["groups"]]} for r in reports
+        ]
         click.echo(json.dumps(out, indent=2))
     elif rows:
         for line in table(["CHANNEL", "LENGTH", "GROUPS", "MAX LAG", "DEAD", "LAST"], rows):
@@ -135,8 +144,9 @@ async def _pending(
             raise channel_missing(name, b.namespace)
         ch = b.channel(name)
         entries = await ch.pending(group, count=count, consumer=consumer)
-        total = sum(c.pending for c in await ch.consumers(group)
-                    if consumer is None or c.name == consumer)
+        total = sum(
+            c.pending for c in await ch.consumers(group) if consumer is None or c.name == consumer
+        )
         return entries, total
 
 
@@ -144,8 +154,14 @@ async def _pending(
 @click.argument("channel")
 @click.option("-g", "--group", required=True, help="The consumer group.")
 @click.option("--consumer", help="Only the entries held by this consumer.")
-@click.option("-n", "--count", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Show the oldest N pending entries.")
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Show the oldest N pending entries.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of entries.")
 @click.pass_obj
 def pending(
@@ -158,18 +174,33 @@ def pending(
     """
     entries, total = run(_pending(config, channel, group, consumer, count))
     if as_json:
-        click.echo(json.dumps([
-            {"id": e.id, "consumer": e.consumer, "idle": round(e.idle, 3),
-             "deliveries": e.deliveries, "time": _when(e.id), "released": e.idle >= RELEASED}
-            for e in entries
-        ], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": e.id,
+                        "consumer": e.consumer,
+                        "idle": round(e.idle, 3),
+                        "deliveries": e.deliveries,
+                        "time": _when(e.id),
+                        "released": e.idle >= RELEASED,
+                    }
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
         return
     if not entries:
         note(f"nothing pending in group {group!r} of {channel!r}")
         return
     rows = [
-        [e.id, e.consumer, "released" if e.idle >= RELEASED else duration(e.idle),
-         str(e.deliveries)]
+        [
+            e.id,
+            e.consumer,
+            "released" if e.idle >= RELEASED else duration(e.idle),
+            str(e.deliveries),
+        ]
         for e in entries
     ]
     for line in table(["ID", "CONSUMER", "IDLE", "DELIVERIES"], rows):

@@ -41,16 +41,34 @@ def _headers(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 @click.command()
 @click.argument("channel")
 @click.argument("data", required=False)
-@click.option("-H", "--header", "headers", multiple=True, metavar="KEY=VALUE",
-              callback=_headers, help="A header for every message (repeatable).")
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_headers,
+    help="A header for every message (repeatable).",
+)
 @click.option("--text", is_flag=True, help="Send DATA (or each line) as a string, not JSON.")
-@click.option("--raw", is_flag=True,
-              help="Send the bytes as they are, with the raw codec (no JSON parsing).")
+@click.option(
+    "--raw", is_flag=True, help="Send the bytes as they are, with the raw codec (no JSON parsing)."
+)
 @click.option("--whole", is_flag=True, help="Send all of stdin as one message, not one per line.")
-@click.option("--codec", type=click.Choice(["msgpack", "json"]), default="msgpack",
-              show_default=True, help="Encoding of the payloads (--raw uses the raw codec).")
-@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
-              help="Entries per pipeline when reading stdin.")
+@click.option(
+    "--codec",
+    type=click.Choice(["msgpack", "json"]),
+    default="msgpack",
+    show_default=True,
+    help="Encoding of the payloads (--raw uses the raw codec).",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Entries per pipeline when reading stdin.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Do not print the ids.")
 @click.pass_obj
 def publish(
@@ -89,8 +107,19 @@ def publish(
     stdin = sys.stdin.buffer
     if _isatty(stdin):
         note("reading one message per line from stdin; end with Ctrl-D")
-    run(_publish_stdin(config, channel, "raw" if raw else codec, mode, headers, stdin,
-                       batch=batch, whole=whole, quiet=quiet))
+    run(
+        _publish_stdin(
+            config,
+            channel,
+            "raw" if raw else codec,
+            mode,
+            headers,
+            stdin,
+            batch=batch,
+            whole=whole,
+            quiet=quiet,
+        )
+    )
 
 
 def _parser(mode: str) -> Callable[[bytes], Any]:
@@ -112,7 +141,9 @@ def _parser(mode: str) -> Callable[[bytes], Any]:
             raise ValueError("not UTF-8 text; use --raw for bytes") from None
 
     parsers: dict[str, Callable[[bytes], Any]] = {
-        "json": parse_json, "text": parse_text, "raw": bytes
+        "json": parse_json,
+        "text": parse_text,
+        "raw": bytes,
     }
     return parsers[mode]
 
@@ -205,11 +236,7 @@ def _progress(stdin: IO[bytes], quiet: bool) -> Iterator[Callable[[int], None]]:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         st = os.fstat(stdin.fileno())
         size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-    shown = (
-        size >= PROGRESS_MIN
-        and _isatty(sys.stderr)
-        and (quiet or not _isatty(sys.stdout))
-    )
+    shown = size >= PROGRESS_MIN and _isatty(sys.stderr) and (quiet or not _isatty(sys.stdout))
     if not shown:
         yield lambda n: None
         return

@@ -39,11 +39,15 @@ def server(ctx: click.Context, port: int, bind: str) -> None:
         except RuntimeError as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             why = next((ln for ln in lines if "in use" in ln), lines[-1] if lines else "")
-            raise UserError(f"cannot start redis-server on {bind}:{port}: {why} "
-                            "(is the port in use? pick another with --port)") from exc
+            raise UserError(
+                f"cannot start redis-server on {bind}:{port}: {why} "
+                "(is the port in use? pick another with --port)"
+            ) from exc
         click.echo(srv.url)
-        note(f"redis-server ({srv.binary}) listening on {srv.url}; Ctrl-C to stop "
-             f"(export BROKER_URL={srv.url})")
+        note(
+            f"redis-server ({srv.binary}) listening on {srv.url}; Ctrl-C to stop "
+            f"(export BROKER_URL={srv.url})"
+        )
         process = srv.process
         assert process is not None
         code = process.wait()

@@ -34,34 +34,76 @@ def _template(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 @click.command()
 @click.argument("channels", nargs=-1, required=True, metavar="CHANNEL...")
-@click.option("-n", "--lines", "last", type=click.IntRange(min=0), metavar="N",
-              help=f"Start with the last N messages of each channel [default: {DEFAULT_LAST}].")
+@click.option(
+    "-n",
+    "--lines",
+    "last",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help=f"Start with the last N messages of each channel [default: {DEFAULT_LAST}].",
+)
 @click.option("--from-beginning", is_flag=True, help="Start with the oldest message.")
-@click.option("--from", "start", type=PositionType(), metavar="ID|TIME",
-              help="Start at this id or time (inclusive): 1714564800123-0, "
-                   "2024-05-01T12:00:00Z, -30s, -5m, -2h, -1d.")
-@click.option("--until", type=PositionType(), metavar="ID|TIME",
-              help="Stop after this id or time (inclusive).")
-@click.option("-f", "--follow", is_flag=True,
-              help="Keep waiting for new messages (end with Ctrl-C); without it, exit at the end.")
-@click.option("-c", "--count", type=click.IntRange(min=1), metavar="N",
-              help="Exit after N messages.")
-@click.option("--group", metavar="G",
-              help="Opt-in: read as a member of the existing group G (acks what it prints).")
-@click.option("--consumer", metavar="X",
-              help="The consumer name within --group (required with it).")
-@click.option("--codec", type=click.Choice(["msgpack", "json", "raw"]), default="msgpack",
-              show_default=True, help="How the payloads were encoded.")
-@click.option("--json", "as_json", is_flag=True,
-              help="One JSON object per line (the default when stdout is not a terminal).")
-@click.option("--pretty", is_flag=True,
-              help="The readable view (the default on a terminal), even when piped.")
+@click.option(
+    "--from",
+    "start",
+    type=PositionType(),
+    metavar="ID|TIME",
+    help="Start at this id or time (inclusive): 1714564800123-0, "
+    "2024-05-01T12:00:00Z, -30s, -5m, -2h, -1d.",
+)
+@click.option(
+    "--until",
+    type=PositionType(),
+    metavar="ID|TIME",
+    help="Stop after this id or time (inclusive).",
+)
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Keep waiting for new messages (end with Ctrl-C); without it, exit at the end.",
+)
+@click.option(
+    "-c", "--count", type=click.IntRange(min=1), metavar="N", help="Exit after N messages."
+)
+@click.option(
+    "--group",
+    metavar="G",
+    help="Opt-in: read as a member of the existing group G (acks what it prints).",
+)
+@click.option(
+    "--consumer", metavar="X", help="The consumer name within --group (required with it)."
+)
+@click.option(
+    "--codec",
+    type=click.Choice(["msgpack", "json", "raw"]),
+    default="msgpack",
+    show_default=True,
+    help="How the payloads were encoded.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object per line (the default when stdout is not a terminal).",
+)
+@click.option(
+    "--pretty", is_flag=True, help="The readable view (the default on a terminal), even when piped."
+)
 @click.option("--raw", is_flag=True, help="Payload bytes only, newline separated (binary safe).")
-@click.option("--format", "template", callback=_template, metavar="TEMPLATE",
-              help="A line per message from tokens {channel} {id} {time} {ms} {headers} "
-                   "{data} {error}, e.g. '{channel} {id} {data}'.")
-@click.option("--color/--no-color", default=None,
-              help="Color the readable view [default: on a terminal, unless NO_COLOR is set].")
+@click.option(
+    "--format",
+    "template",
+    callback=_template,
+    metavar="TEMPLATE",
+    help="A line per message from tokens {channel} {id} {time} {ms} {headers} "
+    "{data} {error}, e.g. '{channel} {id} {data}'.",
+)
+@click.option(
+    "--color/--no-color",
+    default=None,
+    help="Color the readable view [default: on a terminal, unless NO_COLOR is set].",
+)
 @click.pass_context
 def tail(
     ctx: click.Context,
@@ -134,8 +176,13 @@ def tail(
 
 
 def _output(
-    as_json: bool, pretty: bool, raw: bool, template: str | None, color: bool | None,
-    *, deliveries: bool,
+    as_json: bool,
+    pretty: bool,
+    raw: bool,
+    template: str | None,
+    color: bool | None,
+    *,
+    deliveries: bool,
 ) -> MessageOutput:
     if raw:
         return RawPayloads()

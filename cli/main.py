@@ -37,7 +37,10 @@ class BrokerGroup(click.Group):
     command (``invoke``) becomes one line through :func:`describe` and an exit status."""
 
     def make_context(
-        self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
         **extra: Any,
     ) -> click.Context:
         try:
@@ -80,8 +83,10 @@ def describe(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, broker.ConfigurationError):
         return 2, str(exc)
     if isinstance(exc, broker.GroupMissingError):
-        return 1, (f"channel {exc.channel!r} has no consumer group {exc.group!r} "
-                   f"(see `broker info {exc.channel}`)")
+        return 1, (
+            f"channel {exc.channel!r} has no consumer group {exc.group!r} "
+            f"(see `broker info {exc.channel}`)"
+        )
     if isinstance(exc, broker.BrokerError | broker.ServerNotFoundError):
         return 1, str(exc)
     return 1, f"unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)"
@@ -110,11 +115,20 @@ def _silence_stdout() -> None:
 
 
 @click.group(cls=BrokerGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--url", envvar="BROKER_URL", metavar="URL",
-              help="Redis URL: redis://[user:password@]host:6379/0, rediss://..., unix://... "
-                   "[env BROKER_URL; default redis://localhost:6379/0]")
-@click.option("--namespace", envvar="BROKER_NAMESPACE", default="broker", show_default=True,
-              help="Key prefix of the channels [env BROKER_NAMESPACE].")
+@click.option(
+    "--url",
+    envvar="BROKER_URL",
+    metavar="URL",
+    help="Redis URL: redis://[user:password@]host:6379/0, rediss://..., unix://... "
+    "[env BROKER_URL; default redis://localhost:6379/0]",
+)
+@click.option(
+    "--namespace",
+    envvar="BROKER_NAMESPACE",
+    default="broker",
+    show_default=True,
+    help="Key prefix of the channels [env BROKER_NAMESPACE].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log details; show tracebacks on errors.")
 @click.version_option(broker.__version__, "--version", prog_name="broker")
 @click.pass_context
@@ -126,7 +140,18 @@ def cli(ctx: click.Context, url: str | None, namespace: str, verbose: bool) -> N
 
 
 for command in (
-    tail, publish, info, channels, pending, group, dead, stop, server, demo, worker, workers_cmd,
+    tail,
+    publish,
+    info,
+    channels,
+    pending,
+    group,
+    dead,
+    stop,
+    server,
+    demo,
+    worker,
+    workers_cmd,
     bench,
 ):
     cli.add_command(command)

@@ -26,8 +26,9 @@ async def test_unreachable_server(name, invoke, sh):
     assert done.code == 1 and "cannot connect" in one_line(done.err)
 
 
-@pytest.mark.parametrize("url", ["http://localhost:6379/0", "redis://", "redis://host:99999/0",
-                                 "redis://localhost/abc"])
+@pytest.mark.parametrize(
+    "url", ["http://localhost:6379/0", "redis://", "redis://host:99999/0", "redis://localhost/abc"]
+)
 async def test_bad_url(name, invoke, url):
     result = await invoke("tail", name, url=url)
     assert result.exit_code == 2
@@ -50,8 +51,14 @@ async def test_wrong_password_never_shows_the_password(name, invoke, sh):
 
 async def test_wrong_type_of_key(client, name, invoke, raw):
     await raw.set(client.channel(name).key, "x")
-    for args in (("tail", name), ("tail", name, "-f"), ("info", name), ("publish", name, "1"),
-                 ("pending", name, "-g", "g"), ("dead", "list", name)):
+    for args in (
+        ("tail", name),
+        ("tail", name, "-f"),
+        ("info", name),
+        ("publish", name, "1"),
+        ("pending", name, "-g", "g"),
+        ("dead", "list", name),
+    ):
         result = await invoke(*args)
         assert result.exit_code == 1, (args, result.output)
         assert "is not a Redis stream" in one_line(result.stderr), args
@@ -76,8 +83,14 @@ async def test_bad_channel_and_namespace_names(invoke):
 
 
 async def test_usage_errors_are_one_line(name, invoke):
-    for args in (("tail",), ("tail", name, "-n", "3", "--from-beginning"), ("nope",),
-                 ("tail", name, "--json", "--raw"), ("pending", name), ("--bogus",)):
+    for args in (
+        ("tail",),
+        ("tail", name, "-n", "3", "--from-beginning"),
+        ("nope",),
+        ("tail", name, "--json", "--raw"),
+        ("pending", name),
+        ("--bogus",),
+    ):
         result = await invoke(*args)
         assert result.exit_code == 2, args
         assert "--help" in one_line(result.stderr)

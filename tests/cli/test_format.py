@@ -26,8 +26,13 @@ def test_jsonable_makes_bytes_explicit():
 def test_record_of_an_undecodable_message():
     msg = Message("1714564800123-0", "c", None, {}, error="msgpack: bad", fields={b"d": b"\xc1"})
     assert message_record(msg) == {
-        "channel": "c", "id": "1714564800123-0", "timestamp": "2024-05-01T12:00:00.123Z",
-        "headers": {}, "data": None, "error": "msgpack: bad", "fields": {"d": {"$base64": "wQ=="}},
+        "channel": "c",
+        "id": "1714564800123-0",
+        "timestamp": "2024-05-01T12:00:00.123Z",
+        "headers": {},
+        "data": None,
+        "error": "msgpack: bad",
+        "fields": {"d": {"$base64": "wQ=="}},
     }
 
 
@@ -40,5 +45,10 @@ def test_template_tokens():
 
 def test_duration_and_table():
     assert [duration(s) for s in (0.25, 3.21, 312, 7380, 273600)] == [
-        "250ms", "3.2s", "5m12s", "2h03m", "3d04h"]
+        "250ms",
+        "3.2s",
+        "5m12s",
+        "2h03m",
+        "3d04h",
+    ]
     assert table(["A", "BB"], [["xxx", "y"]]) == ["A    BB", "xxx  y"]

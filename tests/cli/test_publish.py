@@ -48,15 +48,17 @@ async def test_text_raw_and_whole(client, name, invoke):
     assert raw.exit_code == 0 and len(raw.stdout.split()) == 2
     out = await invoke("tail", raw_name, "--from-beginning", "--raw")
     assert out.stdout_bytes == b"\x00\xff\nplain\n"
-    async with client.tail(client.channel(raw_name, codec="raw"), start="beginning",
-                           follow=False) as t:
+    async with client.tail(
+        client.channel(raw_name, codec="raw"), start="beginning", follow=False
+    ) as t:
         assert [m.data async for m in t] == [b"\x00\xff", b"plain"]
 
 
 async def test_json_codec(client, name, invoke):
     assert (await invoke("publish", name, "--codec", "json", "[1, 2]")).exit_code == 0
-    async with client.tail(client.channel(name, codec="json"), start="beginning",
-                           follow=False) as t:
+    async with client.tail(
+        client.channel(name, codec="json"), start="beginning", follow=False
+    ) as t:
         assert [m.data async for m in t] == [[1, 2]]
     tailed = await invoke("tail", name, "--codec", "json")
     assert json_lines(tailed.stdout)[0]["data"] == [1, 2]
@@ -83,8 +85,9 @@ async def test_empty_stdin(name, invoke):
     assert "nothing published" in result.stderr
 
 
-async def test_progress_bar_on_a_terminal_for_a_large_file(name, redis_url, namespace, tmp_path,
-                                                            invoke):
+async def test_progress_bar_on_a_terminal_for_a_large_file(
+    name, redis_url, namespace, tmp_path, invoke
+):
     import asyncio
     import os
     import pty
@@ -98,8 +101,12 @@ async def test_progress_bar_on_a_terminal_for_a_large_file(name, redis_url, name
     try:
         with data.open("rb") as stdin:
             proc = await asyncio.create_subprocess_exec(
-                *argv(redis_url, namespace, "publish", name, "-q"), stdin=stdin,
-                stdout=asyncio.subprocess.PIPE, stderr=follower, cwd=ROOT, env=ENV,
+                *argv(redis_url, namespace, "publish", name, "-q"),
+                stdin=stdin,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=follower,
+                cwd=ROOT,
+                env=ENV,
             )
             os.close(follower)
             follower = -1

@@ -54,8 +54,16 @@ async def test_server_port_in_use():
 
 async def test_demo(redis_url):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "--url", redis_url, "demo",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=ENV,
+        sys.executable,
+        "-m",
+        "cli.main",
+        "--url",
+        redis_url,
+        "demo",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=ENV,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, err

@@ -179,8 +179,9 @@ async def test_follow_as_a_subprocess_then_ctrl_c(client, name, redis_url, names
     await assert_no_group(raw, ch)
 
 
-async def test_follow_waits_for_a_channel_that_does_not_exist_yet(client, name, redis_url,
-                                                                   namespace):
+async def test_follow_waits_for_a_channel_that_does_not_exist_yet(
+    client, name, redis_url, namespace
+):
     proc = await spawn(*argv(redis_url, namespace, "tail", name, "-f", "-c", "1"))
     try:
         assert proc.stderr is not None
@@ -204,8 +205,13 @@ async def test_closed_pipe_exits_zero_quietly(client, name, redis_url, namespace
     await ch.publish_many({"n": i, "pad": "x" * 200} for i in range(2000))
     cmd = " ".join(argv(redis_url, namespace, "tail", name, "-n", "2000"))
     proc = await asyncio.create_subprocess_exec(
-        "bash", "-c", f"set -o pipefail; {cmd} | head -3",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=ENV,
+        "bash",
+        "-c",
+        f"set -o pipefail; {cmd} | head -3",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=ENV,
     )
     done = await finish(proc)
     assert done.code == 0, done.err
@@ -275,8 +281,12 @@ async def test_a_terminal_gets_the_readable_colored_view(client, name, redis_url
     leader, follower = pty.openpty()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv(redis_url, namespace, "tail", name), stdin=asyncio.subprocess.DEVNULL,
-            stdout=follower, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=ENV,
+            *argv(redis_url, namespace, "tail", name),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=follower,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+            env=ENV,
         )
         os.close(follower)
         follower = -1

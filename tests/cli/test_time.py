@@ -40,8 +40,9 @@ def test_naive_iso_is_local_time():
     assert got.replace(tzinfo=None) == datetime(2024, 5, 1, 12)
 
 
-@pytest.mark.parametrize("text", ["", "abc", "-5", "-5x", "1-2-3", "2024-13-45", "1e5",
-                                  "99999999999999999999999"])
+@pytest.mark.parametrize(
+    "text", ["", "abc", "-5", "-5x", "1-2-3", "2024-13-45", "1e5", "99999999999999999999999"]
+)
 def test_rejects(text):
     with pytest.raises(ValueError, match="-5m"):
         parse_position(text, now=NOW)

@@ -16,15 +16,34 @@ async def test_worker_consume_runs_lists_and_stops_on_sigterm(
 ) -> None:
     ch = client.channel(name)
     sent = await ch.publish_many({"n": i} for i in range(10))
-    proc = await spawn(*argv(
-        redis_url, namespace, "worker", "consume", name, "-g", "printers", "--start", "all",
-        "--handler", "workers.examples:print_message", "-p", "2", "-c", "2", "--name", "printer",
-    ))
+    proc = await spawn(
+        *argv(
+            redis_url,
+            namespace,
+            "worker",
+            "consume",
+            name,
+            "-g",
+            "printers",
+            "--start",
+            "all",
+            "--handler",
+            "workers.examples:print_message",
+            "-p",
+            "2",
+            "-c",
+            "2",
+            "--name",
+            "printer",
+        )
+    )
     try:
         async with asyncio.timeout(30):
-            while (await ch.info()).groups == [] or (await ch.lag("printers")) > 0 or (
-                await raw.xpending(ch.key, "printers")
-            )["pending"] > 0:
+            while (
+                (await ch.info()).groups == []
+                or (await ch.lag("printers")) > 0
+                or (await raw.xpending(ch.key, "printers"))["pending"] > 0
+            ):
                 await asyncio.sleep(0.1)
             while True:
                 listed = await sh("workers", "--json")

@@ -31,7 +31,12 @@ def _engine_and_compose() -> str | None:
     try:
         if subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode != 0:
             return "no Docker engine answers (docker info failed)"
-        if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=10).returncode != 0:
+        if (
+            subprocess.run(
+                ["docker", "compose", "version"], capture_output=True, timeout=10
+            ).returncode
+            != 0
+        ):
             return "the docker compose plugin is missing"
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"docker did not answer: {exc}"

@@ -262,6 +262,4 @@ async def test_bounded_channel_blocks_while_a_group_lags(client: broker.Broker, 
         for _ in range(10):
             (await anext(m)).ack()
         await asyncio.wait_for(blocked, 5)
-        print(
-            f"bounded channel: publish resumed {time.monotonic() - t0:.3f}s after catching up"
-        )
+        print(f"bounded channel: publish resumed {time.monotonic() - t0:.3f}s after catching up")

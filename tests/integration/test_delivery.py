@@ -163,7 +163,9 @@ async def test_publish_coalesces_concurrent_calls_and_keeps_order(
     writes = 0
     original = AbstractConnection.send_packed_command
 
-    async def counting(self: AbstractConnection, command: object, check_health: bool = True) -> None:  # noqa: E501
+    async def counting(
+        self: AbstractConnection, command: object, check_health: bool = True
+    ) -> None:
         nonlocal writes
         writes += 1
         await original(self, command, check_health)

@@ -115,10 +115,27 @@ def _server_has_tls(binary: str) -> bool:
 async def test_tls_url_and_unix_socket(tmp_path: Path) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     sock = tmp_path / "redis.sock"
     binary = find_server_binary()
@@ -126,8 +143,18 @@ async def test_tls_url_and_unix_socket(tmp_path: Path) -> None:
     tls_port = _free_port()
     extra = ["--unixsocket", str(sock), "--unixsocketperm", "700"]
     if tls:
-        extra += ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file",
-                  str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+        extra += [
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(cert),
+            "--tls-auth-clients",
+            "no",
+        ]
     with EmbeddedServer(extra=extra):
         async with broker.connect(f"unix://{sock}") as b:
             mid = await b.channel("over-unix").publish("hello")

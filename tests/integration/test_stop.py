@@ -151,9 +151,10 @@ async def test_stalled_connection_still_sees_the_stop(redis_url: str, namespace:
     proxy = Proxy(host, int(port))
     await proxy.start()
     try:
-        async with broker.connect(
-            f"redis://127.0.0.1:{proxy.port}/0", namespace=namespace
-        ) as stalled, broker.connect(redis_url, namespace=namespace) as other:
+        async with (
+            broker.connect(f"redis://127.0.0.1:{proxy.port}/0", namespace=namespace) as stalled,
+            broker.connect(redis_url, namespace=namespace) as other,
+        ):
             async with stalled.stop_token("partition") as token:
                 proxy.stall()
                 t0 = time.monotonic()

@@ -23,9 +23,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def spec_for(redis_url: str, namespace: str, name: str, target: str, **kw: object) -> WorkerSpec:
     return WorkerSpec(
-        name="w" + name[-6:], kind="consume", target=f"tests.helpers.handlers:{target}",
-        channels=(name,), group="g", url=redis_url, namespace=namespace, start="all",
-        heartbeat=0.2, **kw,  # type: ignore[arg-type]
+        name="w" + name[-6:],
+        kind="consume",
+        target=f"tests.helpers.handlers:{target}",
+        channels=(name,),
+        group="g",
+        url=redis_url,
+        namespace=namespace,
+        start="all",
+        heartbeat=0.2,
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -95,7 +102,9 @@ async def test_supervisor_restarts_a_killed_slot_and_stops_gracefully(
     done_key = f"{namespace}:done"
     env = {**os.environ, "TEST_REDIS_URL": redis_url, "TEST_DONE_KEY": done_key}
     sup = subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers.supervise", spec.to_json(), "2"], cwd=ROOT, env=env,
+        [sys.executable, "-m", "tests.helpers.supervise", spec.to_json(), "2"],
+        cwd=ROOT,
+        env=env,
     )
     try:
         async with asyncio.timeout(30):
