@@ -170,6 +170,7 @@ class Subscription(AsyncResource, Generic[T]):
         self._dead: list[_DeadOp] = []
         self._touch: dict[str, set[str]] = {}
         self._sending = 0
+        self._in_transit: set[_Key] = set()
         #: recently reported trimmed entries (bounded), so each is reported once
         self._trimmed: dict[_Key, None] = {}
         self._replay_cursors: dict[str, str] = {}
@@ -382,6 +383,7 @@ class Subscription(AsyncResource, Generic[T]):
 
     def ack(self, messages: Message[T] | Sequence[Message[T]]) -> None:
         """Ack one message or a batch (sent as one ``XACK`` per channel)."""
+        self._check_open()
         for msg in [messages] if isinstance(messages, Message) else messages:
             if self._inflight.pop((msg.channel, msg.id), None) is None:
                 continue  # already settled: acking twice is harmless
@@ -400,6 +402,7 @@ class Subscription(AsyncResource, Generic[T]):
         it reached ``max_deliveries``."""
         if delay is not None and delay < 0:
             raise ValueError(f"delay must be >= 0 seconds, got {delay!r}")
+        self._check_open()
         if self._inflight.pop((message.channel, message.id), None) is None:
             return
         self._stats["nacked"] += 1
@@ -436,6 +439,13 @@ class Subscription(AsyncResource, Generic[T]):
 
     # -- internals: accounting ----------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._tasks is None and self._entered:
+            raise ClosedError(
+                "the subscription is closed: this message stays pending and will be delivered "
+                "again (ack inside `async with ... subscribe()`)"
+            )
+
     def _pending_acks(self) -> int:
         return sum(map(len, self._acks.values())) + len(self._dead) + self._sending
 
@@ -448,9 +458,13 @@ class Subscription(AsyncResource, Generic[T]):
         self._room.set()
 
     def _held(self) -> set[_Key]:
+        """Entries this subscription has in hand (a replay after a reconnect skips them)."""
         held = {(m.channel, m.id) for m in self._buffer}
         held.update(self._inflight)
         held.update((m.channel, m.id) for _, _, m in self._retry)
+        held.update((name, i) for name, ids in self._acks.items() for i in ids)
+        held.update((op.channel.name, op.id) for op in self._dead)
+        held.update(self._in_transit)
         return held
 
     def _note_trimmed(self, ch: Channel[Any], ids: list[str]) -> None:
@@ -684,6 +698,8 @@ class Subscription(AsyncResource, Generic[T]):
         if not (acks or dead or touch):
             return
         self._sending = sum(map(len, acks.values())) + len(dead)
+        self._in_transit = {(n, i) for n, ids in acks.items() for i in ids}
+        self._in_transit.update((op.channel.name, op.id) for op in dead)
         r = self.broker.redis
 
         async def send() -> None:
@@ -710,6 +726,7 @@ class Subscription(AsyncResource, Generic[T]):
             await self._retry_call(send)
         finally:
             self._sending = 0
+            self._in_transit = set()
             self._room.set()
 
     async def _drain_acks(self) -> None:

@@ -285,3 +285,15 @@ async def test_connection_killed_mid_stream_resumes_without_loss(
             await task
         assert m.statistics().reconnects >= 1
     compare_ids(sent, set(received))
+
+
+async def test_ack_after_close_is_an_error_and_the_message_stays_pending(
+    client: broker.Broker, name: str, raw: aioredis.Redis
+) -> None:
+    ch = client.channel(name)
+    await ch.publish("late")
+    async with ch.subscribe(group="g", start="all") as m:
+        msg = await anext(m)
+    with pytest.raises(broker.ClosedError, match="stays pending"):
+        msg.ack()
+    assert (await raw.xpending(ch.key, "g"))["pending"] == 1
