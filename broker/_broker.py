@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -59,6 +60,7 @@ class Broker(AsyncResource):
         self._tasks: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
         self._hub: StopHub | None = None
+        self._clock_offset_ms = 0
         self._closed = False
 
     def __repr__(self) -> str:
@@ -87,7 +89,7 @@ class Broker(AsyncResource):
             stack.push_async_callback(self._redis.aclose)
             try:
                 with map_redis_errors():
-                    await self._redis.ping()
+                    await self._measure_clock()
             except ConnectionLostError as exc:
                 raise type(exc)(f"cannot connect to {s.safe_url}: {_cause(exc)}") from exc.__cause__
             self._publisher = Publisher(
@@ -120,6 +122,18 @@ class Broker(AsyncResource):
             finally:
                 await cancel_and_wait(self._publisher_task)
         await stack.aclose()
+
+    async def _measure_clock(self) -> None:
+        """Learn the server clock's offset from ours (TIME, halfway through the round trip)."""
+        assert self._redis is not None
+        before = time.time()
+        sec, usec = await self._redis.time()
+        after = time.time()
+        self._clock_offset_ms = int(sec) * 1000 + int(usec) // 1000 - int((before + after) * 500)
+
+    def server_time_ms(self) -> int:
+        """The server's clock, in ms, as estimated when the broker connected."""
+        return int(time.time() * 1000) + self._clock_offset_ms
 
     # -- internal accessors -------------------------------------------------------------------
 

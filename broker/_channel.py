@@ -136,7 +136,12 @@ class Channel(Generic[T]):
         h = pack_headers(headers)
         if h is not None:
             fields[b"h"] = h
-        return XAdd(self.key, self.name, fields, self.maxlen, self.max_age)
+        minid = None
+        if self.max_age is not None:
+            # entry ids come from the server's clock, so the age bound must too: a producer
+            # whose clock runs ahead would otherwise trim away what it just published
+            minid = f"{self.broker.server_time_ms() - int(self.max_age * 1000)}-0"
+        return XAdd(self.key, self.name, fields, self.maxlen, minid)
 
     async def publish(self, data: T, *, headers: dict[str, str] | None = None) -> str:
         """Append one message and return its id.
@@ -350,12 +355,17 @@ class Channel(Generic[T]):
         await self._group_call(group, lambda: self.broker.redis.xgroup_setid(self.key, group, pos))
 
     async def delete_group(self, group: str) -> bool:
-        """Delete ``group`` and its pending list; False if there was no such group."""
-        return bool(
-            await self.broker.call(
-                lambda: self.broker.redis.xgroup_destroy(self.key, group), self.name
+        """Delete ``group`` and its pending list; False if there was no such group (or stream)."""
+        try:
+            return bool(
+                await self.broker.call(
+                    lambda: self.broker.redis.xgroup_destroy(self.key, group), self.name
+                )
             )
-        )
+        except RedisCommandError as exc:
+            if "requires the key to exist" in str(exc):
+                return False
+            raise
 
     async def consumers(self, group: str) -> list[ConsumerInfo]:
         rows = await self._group_call(

@@ -80,6 +80,7 @@ async def run_consumer(
         finally:
             slots.release()
 
+    error: Exception | None = None
     try:
         async with asyncio.TaskGroup() as tg:
             while True:
@@ -89,13 +90,16 @@ async def run_consumer(
                 except StopAsyncIteration:
                     slots.release()
                     break
-                except BaseException:
+                except Exception as exc:  # raised below as itself, not in an ExceptionGroup
                     slots.release()
-                    raise
+                    error = exc
+                    break
                 tg.create_task(handle(msg), name=f"handler {msg.channel} {msg.id}")
     finally:
         if remove is not None:
             remove()
+    if error is not None:
+        raise error
 
 
 def _is_async(fn: object) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import time
 from typing import Any
 
 import redis.exceptions as rex
@@ -24,8 +23,8 @@ class XAdd:
     channel: str
     fields: dict[bytes, bytes]
     maxlen: int | None = None
-    #: seconds; entries older than this are trimmed (MINID ~)
-    max_age: float | None = None
+    #: trim entries older than this id (MINID ~), computed from the server's clock
+    minid: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +101,21 @@ class Publisher:
 
     async def run(self) -> None:
         """The drain loop; runs in the broker's task group until :meth:`close`, then drains."""
-        while not self._closed:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._linger and not self._closed:
-                await asyncio.sleep(self._linger)
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._linger and not self._closed:
+                    await asyncio.sleep(self._linger)
+                await self._drain()
             await self._drain()
-        await self._drain()
+        finally:
+            # cancelled while draining (the broker's close was cancelled): nobody may wait forever
+            self._closed = True
+            while self._queue:
+                _, fut = self._queue.popleft()
+                if not fut.done():
+                    fut.set_exception(ClosedError("the broker closed before this entry was sent"))
 
     def close(self) -> None:
         """Refuse new publishes; :meth:`run` sends what was accepted, then returns."""
@@ -148,19 +155,17 @@ async def send_batch(redis: Any, items: list[XAdd], deadline: float) -> list[str
     """
 
     async def once() -> list[Any]:
-        if len(items) == 1 and not (items[0].maxlen and items[0].max_age):
+        if len(items) == 1 and not (items[0].maxlen and items[0].minid):
             return [await _xadd_one(redis, items[0])]  # no pipeline object for one entry
-        now_ms = int(time.time() * 1000)
         pipe = redis.pipeline(transaction=False)
         age_trims: dict[str, str] = {}
         for it in items:
-            minid = None if it.max_age is None else f"{now_ms - int(it.max_age * 1000)}-0"
             if it.maxlen is not None:
                 pipe.xadd(it.key, it.fields, maxlen=it.maxlen, approximate=True)
-                if minid is not None:  # XADD takes one trim strategy: the age bound goes after
-                    age_trims[it.key] = minid
-            elif minid is not None:
-                pipe.xadd(it.key, it.fields, minid=minid, approximate=True)
+                if it.minid is not None:  # XADD takes one trim strategy: the age bound goes after
+                    age_trims[it.key] = it.minid
+            elif it.minid is not None:
+                pipe.xadd(it.key, it.fields, minid=it.minid, approximate=True)
             else:
                 pipe.xadd(it.key, it.fields)
         for key, minid in age_trims.items():
@@ -186,9 +191,8 @@ async def _xadd_one(redis: Any, it: XAdd) -> Any:
     try:
         if it.maxlen is not None:
             return await redis.xadd(it.key, it.fields, maxlen=it.maxlen, approximate=True)
-        if it.max_age is not None:
-            minid = f"{int(time.time() * 1000) - int(it.max_age * 1000)}-0"
-            return await redis.xadd(it.key, it.fields, minid=minid, approximate=True)
+        if it.minid is not None:
+            return await redis.xadd(it.key, it.fields, minid=it.minid, approximate=True)
         return await redis.xadd(it.key, it.fields)
     except rex.ResponseError as exc:  # per-entry errors are values, as in a pipeline
         return exc

@@ -15,6 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from ._errors import BrokerError
+from ._resource import cancel_and_wait
 from ._scripts import Script
 
 if TYPE_CHECKING:
@@ -88,15 +90,17 @@ class GroupSemaphore:
     async def hold(self) -> AsyncIterator[None]:
         """Hold a permit for the block, renewing its lease every third of the lease period."""
         lease_id = await self.acquire()
+        # owned by this block: cancelled and awaited on the way out (a task group around the
+        # yield would wrap the handler's own exception in an ExceptionGroup)
+        renewer = asyncio.create_task(self._renew(lease_id), name=f"renew {lease_id}")
         try:
-            async with asyncio.TaskGroup() as tg:
-                renewer = tg.create_task(self._renew(lease_id))
-                try:
-                    yield
-                finally:
-                    renewer.cancel()
+            yield
         finally:
-            await asyncio.shield(self.release(lease_id))
+            await cancel_and_wait(renewer)
+            try:
+                await asyncio.shield(self.release(lease_id))
+            except BrokerError as exc:  # the lease expires by itself; the handler's result stands
+                log.warning("could not release lease %s on %s: %s", lease_id, self.key, exc)
 
     async def _renew(self, lease_id: str) -> None:
         r = self.broker.redis

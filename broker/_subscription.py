@@ -171,6 +171,8 @@ class Subscription(AsyncResource, Generic[T]):
         self._touch: dict[str, set[str]] = {}
         self._sending = 0
         self._in_transit: set[_Key] = set()
+        #: entries read by a replay or a claim, not yet buffered (see _release_unhanded)
+        self._arriving: set[_Key] = set()
         #: recently reported trimmed entries (bounded), so each is reported once
         self._trimmed: dict[_Key, None] = {}
         self._replay_cursors: dict[str, str] = {}
@@ -242,14 +244,18 @@ class Subscription(AsyncResource, Generic[T]):
         try:
             if self._winding is not None:
                 await asyncio.wait([self._winding])
+            for t in self._aux[1:]:  # no more retries or heartbeats (the ack loop is first)
+                await cancel_and_wait(t)
             if self._error is None:
                 try:
+                    # what was nacked or re-claimed for a retry after the stop: release it too
+                    await self._release_unhanded()
                     await self._drain_acks()
                 except BrokerError as exc:
-                    log.warning("%r: closing with acks not sent: %s", self, exc)
+                    log.warning("%r: closing with acks not sent or entries held: %s", self, exc)
         finally:
             for t in self._aux:
-                t.cancel()
+                await cancel_and_wait(t)
             await tasks.__aexit__(None, None, None)
             self._tasks = None
 
@@ -264,7 +270,10 @@ class Subscription(AsyncResource, Generic[T]):
         self._stopped = True
         self._readable.set()
         if self._tasks is not None:
-            self._winding = self._tasks.create_task(self._wind_down(), name=f"{self!r} stop")
+            try:
+                self._winding = self._tasks.create_task(self._wind_down(), name=f"{self!r} stop")
+            except RuntimeError:  # the task group is already shutting down
+                self._winding = None
 
     async def _wind_down(self) -> None:
         """Stop reading, then release what was fetched but not handed out (at once, not at
@@ -334,23 +343,34 @@ class Subscription(AsyncResource, Generic[T]):
                 return
             batch = [first]
             deadline = None if wait is None else time.monotonic() + wait
-            while len(batch) < size:
-                msg = self._take()
-                if msg is not None:
-                    batch.append(msg)
-                    continue
-                if self._stopped or self._error is not None:
-                    break
-                self._readable.clear()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._readable.wait()
-                except TimeoutError:
-                    break
+            try:
+                await self._fill(batch, size, deadline)
+            except BaseException:
+                # cancelled while filling: hand the batch back, in order, as if never taken
+                for msg in reversed(batch):
+                    if self._inflight.pop((msg.channel, msg.id), None) is not None:
+                        self._buffer.appendleft(msg)
+                        self._stats["delivered"] -= 1
+                raise
             yield batch
+
+    async def _fill(self, batch: list[Message[T]], size: int, deadline: float | None) -> None:
+        while len(batch) < size:
+            msg = self._take()
+            if msg is not None:
+                batch.append(msg)
+                continue
+            if self._stopped or self._error is not None:
+                return
+            self._readable.clear()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._readable.wait()
+            except TimeoutError:
+                return
 
     async def consume(
         self,
@@ -490,7 +510,12 @@ class Subscription(AsyncResource, Generic[T]):
         """Run a loop; its failure is stored and surfaces in the iteration, not in the group."""
         try:
             await loop()
-        except BrokerError as exc:
+        except Exception as exc:
+            if not isinstance(exc, BrokerError):
+                log.exception("%r: internal error in %s", self, getattr(loop, "__name__", loop))
+                wrapped = BrokerError(f"internal error in the subscription: {exc!r}")
+                wrapped.__cause__ = exc
+                exc = wrapped
             if self._error is None:
                 self._error = exc
             self._flushed.set()
@@ -502,7 +527,9 @@ class Subscription(AsyncResource, Generic[T]):
             with map_redis_errors(channel.name if channel else None):
                 return await fn()
         except RedisCommandError as exc:
-            if str(exc).startswith("NOGROUP"):
+            # NOGROUP: group or stream gone; UNBLOCKED: the stream was deleted under a
+            # blocked read (Redis 7)
+            if str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 missing = next((c for c in self.channels if f"'{c.key}'" in str(exc)), channel)
                 name = missing.name if missing else self.channels[0].name
                 raise GroupMissingError(name, self.group) from exc
@@ -579,9 +606,13 @@ class Subscription(AsyncResource, Generic[T]):
         cursors = self._replay_cursors
         chans = [self._by_name[n] for n in sorted(replay)]
         streams = {c.key: cursors.get(c.name, "0") for c in chans}
+        # COUNT is per stream: share the room so a replay over many channels stays bounded
+        per_stream = max(1, -(-room // len(chans)))
+        self._read_cancelled = True  # a cancel mid-call may leave entries we never saw
         reply = await self._call(
-            lambda: r.xreadgroup(self.group, self.consumer, streams, count=max(1, room))
+            lambda: r.xreadgroup(self.group, self.consumer, streams, count=per_stream)
         )
+        self._read_cancelled = False
         got: dict[str, list[Any]] = {c.name: [] for c in chans}
         for key, entries in reply or []:
             got[self._by_key[key].name] = entries
@@ -604,12 +635,14 @@ class Subscription(AsyncResource, Generic[T]):
     async def _claim_one(self, ch: Channel[Any], room: int, idle_ms: int) -> int:
         r = self.broker.redis
         cursors = self._claim_cursors
+        self._read_cancelled = True  # a cancel mid-call may leave entries we never saw
         reply = await self._call(
             lambda: r.xautoclaim(
                 ch.key, self.group, self.consumer, idle_ms, cursors.get(ch.name, "0-0"), count=room
             ),
             ch,
         )
+        self._read_cancelled = False
         cursors[ch.name] = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         entries = [e for e in reply[1] if e[0] is not None]
         if len(reply) > 2 and reply[2]:
@@ -644,7 +677,9 @@ class Subscription(AsyncResource, Generic[T]):
         held = self._held() if counted else set()
         counts: dict[str, int] = {}
         if counted and entries:
-            counts = await self._delivery_counts(ch, entries[0][0], entries[-1][0], len(entries))
+            # until they are buffered, a cancel (a stop) must still find these to release them
+            self._arriving = {(ch.name, e[0].decode()) for e in entries}
+            counts = await self._delivery_counts(ch, [e[0] for e in entries])
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             if (ch.name, entry_id) in held:
@@ -660,21 +695,26 @@ class Subscription(AsyncResource, Generic[T]):
                 self._dead_letter(msg, f"delivered {msg.deliveries} times without an ack")
             else:
                 self._buffer.append(msg)
+        self._arriving = set()
         self._kick()
         if self._buffer:
             self._readable.set()
 
-    async def _delivery_counts(
-        self, ch: Channel[Any], first: bytes, last: bytes, n: int
-    ) -> dict[str, int]:
+    async def _delivery_counts(self, ch: Channel[Any], ids: list[bytes]) -> dict[str, int]:
+        """The delivery count of each entry (one XPENDING per id, in one round trip)."""
         r = self.broker.redis
-        rows = await self._call(
-            lambda: r.xpending_range(
-                ch.key, self.group, min=first, max=last, count=n, consumername=self.consumer
-            ),
-            ch,
-        )
-        return {row["message_id"].decode(): int(row["times_delivered"]) for row in rows}
+
+        async def fetch() -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            for entry_id in ids:
+                pipe.xpending_range(ch.key, self.group, min=entry_id, max=entry_id, count=1)
+            return list(await pipe.execute())
+
+        counts: dict[str, int] = {}
+        for rows in await self._call(fetch, ch):
+            for row in rows:
+                counts[row["message_id"].decode()] = int(row["times_delivered"])
+        return counts
 
     def _decode(
         self, ch: Channel[Any], entry_id: str, fields: dict[bytes, bytes], deliveries: int
@@ -784,6 +824,30 @@ class Subscription(AsyncResource, Generic[T]):
             if self._touch:
                 self._ack_wake.set()
 
+    async def _own_pending(self, ch: Channel[Any]) -> list[Any]:
+        """This consumer's pending entries on ``ch`` (up to a bounded number of pages)."""
+        r = self.broker.redis
+        rows: list[Any] = []
+        start = "-"
+        for _ in range(_SCAN_PAGES):
+            page = await self._retry_call(
+                functools.partial(
+                    r.xpending_range,
+                    ch.key,
+                    self.group,
+                    min=start,
+                    max="+",
+                    count=_SCAN_PAGE,
+                    consumername=self.consumer,
+                ),
+                ch,
+            )
+            rows += page
+            if len(page) < _SCAN_PAGE:
+                break
+            start = "(" + page[-1]["message_id"].decode()
+        return rows
+
     async def _release_unhanded(self) -> None:
         """Make fetched-but-not-handed-out entries claimable by other consumers at once."""
         by_channel: dict[str, dict[str, int]] = {}
@@ -792,26 +856,20 @@ class Subscription(AsyncResource, Generic[T]):
         self._buffer.clear()
         self._retry.clear()
         r = self.broker.redis
-        if self._read_cancelled:
-            # a blocking read cancelled midway may have moved entries into our pending list
+        if self._read_cancelled or self._arriving:
+            # a read, claim or replay cancelled midway may have left entries in our pending
+            # list that we never saw: release every one we do not hold (bounded scan)
             keep = set(self._inflight) | {(n, i) for n, ids in self._acks.items() for i in ids}
             for ch in self.channels:
-                mine = functools.partial(
-                    r.xpending_range,
-                    ch.key,
-                    self.group,
-                    min="-",
-                    max="+",
-                    count=self.prefetch + len(self.channels),
-                    consumername=self.consumer,
-                )
-                rows = await self._retry_call(mine, ch)
-                for row in rows:
+                for row in await self._own_pending(ch):
                     entry_id = row["message_id"].decode()
-                    if (ch.name, entry_id) not in keep:
-                        by_channel.setdefault(ch.name, {}).setdefault(
-                            entry_id, int(row["times_delivered"]) - 1
-                        )
+                    released = row["time_since_delivered"] >= _RELEASE_IDLE_MS // 2
+                    if (ch.name, entry_id) in keep or released:
+                        continue  # in a handler, or released already
+                    retries = int(row["times_delivered"]) - 1
+                    by_channel.setdefault(ch.name, {}).setdefault(entry_id, retries)
+            self._read_cancelled = False
+            self._arriving = set()
         if not any(by_channel.values()):
             return
 
@@ -836,6 +894,10 @@ class Subscription(AsyncResource, Generic[T]):
         self._stats["released"] += sum(map(len, by_channel.values()))
 
 
+_SCAN_PAGE = 200
+_SCAN_PAGES = 10
+
+
 def decode_entry(
     ch: Channel[Any],
     entry_id: str,
@@ -856,7 +918,7 @@ def decode_entry(
             )
         data = ch.codec.decode(payload)
         headers = unpack_headers(fields.get(b"h"))
-    except ValueError as exc:
+    except Exception as exc:  # a codec may raise anything on hostile input (RecursionError...)
         return Message(
             entry_id,
             ch.name,
