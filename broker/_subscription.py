@@ -679,7 +679,8 @@ class Subscription(AsyncResource, Generic[T]):
         if counted and entries:
             # until they are buffered, a cancel (a stop) must still find these to release them
             self._arriving = {(ch.name, e[0].decode()) for e in entries}
-            counts = await self._delivery_counts(ch, [e[0] for e in entries])
+            rows = await self._pending_rows(ch, [e[0] for e in entries])
+            counts = {i: int(row["times_delivered"]) for i, row in rows.items()}
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             if (ch.name, entry_id) in held:
@@ -700,8 +701,8 @@ class Subscription(AsyncResource, Generic[T]):
         if self._buffer:
             self._readable.set()
 
-    async def _delivery_counts(self, ch: Channel[Any], ids: list[bytes]) -> dict[str, int]:
-        """The delivery count of each entry (one XPENDING per id, in one round trip)."""
+    async def _pending_rows(self, ch: Channel[Any], ids: list[Any]) -> dict[str, Any]:
+        """The pending-list row (owner, delivery count) of each entry, in one round trip."""
         r = self.broker.redis
 
         async def fetch() -> list[Any]:
@@ -710,11 +711,9 @@ class Subscription(AsyncResource, Generic[T]):
                 pipe.xpending_range(ch.key, self.group, min=entry_id, max=entry_id, count=1)
             return list(await pipe.execute())
 
-        counts: dict[str, int] = {}
-        for rows in await self._call(fetch, ch):
-            for row in rows:
-                counts[row["message_id"].decode()] = int(row["times_delivered"])
-        return counts
+        return {
+            row["message_id"].decode(): row for rows in await self._call(fetch, ch) for row in rows
+        }
 
     def _decode(
         self, ch: Channel[Any], entry_id: str, fields: dict[bytes, bytes], deliveries: int
@@ -818,9 +817,31 @@ class Subscription(AsyncResource, Generic[T]):
         period = self.claim_idle / 3
         while True:
             await asyncio.sleep(period)
-            held = (self._buffer, self._inflight.values(), (m for _, _, m in self._retry))
-            for m in itertools.chain(*held):
-                self._touch.setdefault(m.channel, set()).add(m.id)
+            held: dict[str, list[str]] = {}
+            for m in itertools.chain(
+                self._buffer, self._inflight.values(), (m for _, _, m in self._retry)
+            ):
+                held.setdefault(m.channel, []).append(m.id)
+            for name, ids in held.items():
+                # touch only what is still ours: after a stall another consumer may have
+                # claimed an entry, and a blind XCLAIM would take it back from under it
+                try:
+                    rows = await self._pending_rows(self._by_name[name], ids)
+                except ConnectionLostError:
+                    continue  # best effort: the read loop owns reconnecting
+                owners = {i: row["consumer"].decode() for i, row in rows.items()}
+                lost = [i for i in ids if owners.get(i) != self.consumer]
+                if lost:
+                    log.warning(
+                        "%r: %d held entries of %s were claimed by other consumers meanwhile "
+                        "(this process stalled for longer than claim_idle)",
+                        self,
+                        len(lost),
+                        name,
+                    )
+                self._touch.setdefault(name, set()).update(
+                    i for i in ids if owners.get(i) == self.consumer
+                )
             if self._touch:
                 self._ack_wake.set()
 

@@ -297,3 +297,22 @@ async def test_ack_after_close_is_an_error_and_the_message_stays_pending(
     with pytest.raises(broker.ClosedError, match="stays pending"):
         msg.ack()
     assert (await raw.xpending(ch.key, "g"))["pending"] == 1
+
+
+async def test_heartbeat_keeps_a_slow_handler_and_never_steals_back(
+    client: broker.Broker, name: str, raw: aioredis.Redis
+) -> None:
+    ch = client.channel(name)
+    await ch.publish_many(["slow", "stolen"])
+    async with ch.subscribe(group="g", consumer="a", start="all", claim_idle=0.6, prefetch=2) as m:
+        slow, stolen = await anext(m), await anext(m)
+        # another consumer claims one of them (as if this process had stalled)
+        await raw.xclaim(ch.key, "g", "b", 0, [stolen.id])
+        await asyncio.sleep(1.0)  # several heartbeats (every claim_idle / 3)
+        owners = {
+            p["message_id"].decode(): (p["consumer"].decode(), p["time_since_delivered"])
+            for p in await raw.xpending_range(ch.key, "g", "-", "+", 10)
+        }
+        assert owners[slow.id][0] == "a" and owners[slow.id][1] < 600, "kept fresh"
+        assert owners[stolen.id][0] == "b", "not taken back from the consumer that claimed it"
+        slow.ack()
