@@ -793,7 +793,13 @@ class Subscription(AsyncResource, Generic[T]):
                 due.setdefault(msg.channel, []).append(msg)
             for name, msgs in due.items():
                 ch = self._by_name[name]
-                ids = [m.id for m in msgs]
+                rows = await self._retry_call(
+                    functools.partial(self._pending_rows, ch, [m.id for m in msgs]), ch
+                )
+                # only entries still ours: one claimed by another consumer meanwhile is theirs
+                ids = [m.id for m in msgs if m.id in rows and _owner(rows[m.id]) == self.consumer]
+                if not ids:
+                    continue
                 claim = functools.partial(r.xclaim, ch.key, self.group, self.consumer, 0, ids)
                 entries = await self._retry_call(claim, ch)
                 prior = {m.id: m.deliveries for m in msgs}
@@ -829,7 +835,7 @@ class Subscription(AsyncResource, Generic[T]):
                     rows = await self._pending_rows(self._by_name[name], ids)
                 except ConnectionLostError:
                     continue  # best effort: the read loop owns reconnecting
-                owners = {i: row["consumer"].decode() for i, row in rows.items()}
+                owners = {i: _owner(row) for i, row in rows.items()}
                 lost = [i for i in ids if owners.get(i) != self.consumer]
                 if lost:
                     log.warning(
@@ -952,6 +958,11 @@ def decode_entry(
             subscription,
         )
     return Message(entry_id, ch.name, data, headers, deliveries, False, None, fields, subscription)
+
+
+def _owner(row: Any) -> str:
+    consumer = row["consumer"]
+    return consumer.decode() if isinstance(consumer, bytes) else str(consumer)
 
 
 def _maybe_text(value: bytes) -> str | bytes:
