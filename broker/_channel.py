@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -30,6 +31,7 @@ __all__ = ["Channel", "ChannelInfo", "ConsumerInfo", "DeadLetter", "GroupInfo", 
 T = TypeVar("T")
 DEAD_PREFIX = b"dead."
 _LAG_TTL = 0.05
+_FULL_ID = re.compile(r"^\d+-\d+$")
 #: idle seconds beyond which a pending entry counts as released (see Subscription.aclose)
 RELEASED_IDLE = 10**8  # seconds a measured lag is trusted before publish asks again
 
@@ -436,6 +438,13 @@ class Channel(Generic[T]):
         """
         if ids is None:
             ids = [d.id for d in await self.dead_letters(count=1_000_000)]
+        ids = list(ids)
+        bad = [i for i in ids if not isinstance(i, str) or not _FULL_ID.match(i)]
+        if bad:
+            raise ConfigurationError(
+                f"invalid dead-letter id {bad[0]!r}: give full entry ids like 1700000000000-0 "
+                "(see `broker dead list`)"
+            )
         out: list[str] = []
         for dead_id in ids:
             new_id = await self.broker.call(

@@ -268,7 +268,12 @@ class RemoteStopToken(StopToken, AsyncResource):
         self._entered = True
         if self._parent is not None:
             self._remove_parent = self._parent.on_stop(lambda p: self._fire(p.reason))
-        await self.broker._stop_hub().register(self)
+        try:
+            await self.broker._stop_hub().register(self)
+        except BaseException:
+            # a failed or cancelled enter gets no __aexit__: undo the registration here
+            await self.aclose()
+            raise
         return self
 
     async def aclose(self) -> None:
@@ -458,6 +463,9 @@ class StopHub:
                 continue
             keys = list(self._tokens)
             try:
+                if self._pubsub is not None:
+                    # a token registered meanwhile opened one: keep a single connection
+                    await self._reset_connection()
                 with map_redis_errors():
                     self._pubsub = self._redis.pubsub()
                     await self._pubsub.subscribe(*keys)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable
 
 import click
@@ -155,7 +154,6 @@ def workers_cmd(config: Config, as_json: bool) -> None:
             return await list_workers(b)
 
     rows = run(fetch())
-    now = time.time()
     if as_json:
         for s in rows:
             data = {**dataclasses.asdict(s), "alive": s.alive}
@@ -169,7 +167,7 @@ def workers_cmd(config: Config, as_json: bool) -> None:
     for s in rows:
         click.echo(
             f"{s.id:40} {s.kind:8} {s.state:9} {'yes' if s.alive else 'NO':5} {s.pid:>7} "
-            f"{s.processed:>8} {s.failed:>6} {now - s.seen:.1f}s ago"
+            f"{s.processed:>8} {s.failed:>6} {s.age:.1f}s ago"
         )
 
 

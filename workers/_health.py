@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import time
 from typing import Any
 
 import msgpack
@@ -33,11 +32,13 @@ class WorkerStatus:
     processed: int
     failed: int
     interval: float
+    #: seconds since the last heartbeat, by the server's clock (hosts' clocks may differ)
+    age: float = 0.0
 
     @property
     def alive(self) -> bool:
         """Seen within three heartbeat intervals."""
-        return time.time() - self.seen < 3 * self.interval
+        return self.age < 3 * self.interval
 
 
 def worker_id(name: str, slot: int) -> str:
@@ -45,7 +46,8 @@ def worker_id(name: str, slot: int) -> str:
 
 
 async def write_heartbeat(b: Broker, wid: str, info: dict[str, Any]) -> None:
-    info = {**info, "seen": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+    seen = b.server_time_ms() / 1000  # one clock for every host: the server's
+    info = {**info, "seen": seen, "host": socket.gethostname(), "pid": os.getpid()}
     await b.call(lambda: b.redis.hset(heartbeat_key(b.namespace), wid, msgpack.packb(info)))
 
 
@@ -57,20 +59,16 @@ async def list_workers(b: Broker, *, prune_after: float = 3600.0) -> list[Worker
     """Every worker that reported; entries silent for ``prune_after`` seconds are removed."""
     rows = await b.call(lambda: b.redis.hgetall(heartbeat_key(b.namespace)))
     out = []
-    now = time.time()
+    now = b.server_time_ms() / 1000
+    names = [f.name for f in dataclasses.fields(WorkerStatus) if f.name not in ("id", "age")]
     for raw_id, raw in rows.items():
         wid = raw_id.decode(errors="replace")
         try:
             info = msgpack.unpackb(raw)
-            status = WorkerStatus(
-                id=wid,
-                **{
-                    f.name: info[f.name] for f in dataclasses.fields(WorkerStatus) if f.name != "id"
-                },
-            )
+            status = WorkerStatus(id=wid, age=now - info["seen"], **{n: info[n] for n in names})
         except Exception:  # a foreign or old field: not ours to interpret
             continue
-        if now - status.seen > prune_after:
+        if status.age > prune_after:
             await remove_heartbeat(b, wid)
             continue
         out.append(status)

@@ -68,13 +68,18 @@ async def serve(
                         await write_heartbeat(b, wid, {**info, **counters})
                         await asyncio.sleep(spec.heartbeat)
 
-                async with asyncio.TaskGroup() as tg:
-                    await write_heartbeat(b, wid, {**info, **counters})
-                    heart = tg.create_task(beat())
-                    work = tg.create_task(_work(b, spec, slot, target, token, counters))
+                await write_heartbeat(b, wid, {**info, **counters})
+                # owned by this block: each is stopped with cancel_and_wait in the finally (a
+                # single cancel can be lost inside redis-py on 3.11, and a heartbeat that
+                # outlived its worker would report a dead worker as alive)
+                heart = asyncio.create_task(beat(), name=f"{wid} heartbeat")
+                work = asyncio.create_task(
+                    _work(b, spec, slot, target, token, counters), name=f"{wid} work"
+                )
+                stopper = asyncio.create_task(token.wait(), name=f"{wid} stop")
+                try:
                     if ready is not None:
                         ready()
-                    stopper = tg.create_task(token.wait())
                     await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
                     if not work.done():
                         info["state"] = "stopping"
@@ -82,10 +87,12 @@ async def serve(
                         done, _ = await asyncio.wait({work}, timeout=spec.grace)
                         if not done:
                             log.warning("%s: grace period over; cancelling handlers", wid)
-                            await cancel_and_wait(work)
-                    stopper.cancel()
-                    heart.cancel()
-                await remove_heartbeat(b, wid)
+                finally:
+                    for task in (work, stopper, heart):
+                        await cancel_and_wait(task)
+                    await _forget(b, wid)
+                if not work.cancelled() and work.exception() is not None:
+                    raise work.exception()  # type: ignore[misc]
     finally:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,3 +130,12 @@ async def _work(
         stop=token,
         start=spec.start,
     )
+
+
+async def _forget(b: broker.Broker, wid: str) -> None:
+    """Remove the heartbeat, briefly: with the server gone it goes stale on its own."""
+    try:
+        async with asyncio.timeout(1.0):
+            await remove_heartbeat(b, wid)
+    except (TimeoutError, broker.BrokerError) as exc:
+        log.warning("%s: heartbeat not removed (%s); it will be reported stale", wid, exc)

@@ -73,6 +73,10 @@ class WorkerSpec:
             self.group_concurrency is not None and self.group_concurrency < 1
         ):
             raise ConfigurationError("concurrency and group_concurrency must be >= 1")
+        if self.start not in ("new", "all") and not re.fullmatch(r"\d+(-\d+)?", self.start):
+            raise ConfigurationError(
+                f"start must be 'new', 'all' or an entry id, got {self.start!r}"
+            )
         if self.grace < 0 or self.heartbeat <= 0:
             raise ConfigurationError("grace must be >= 0 and heartbeat > 0 seconds")
 

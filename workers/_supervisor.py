@@ -6,6 +6,7 @@ stable, so a slot restarted after a crash replays its own pending messages at on
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import subprocess
@@ -18,6 +19,18 @@ from ._spec import WorkerSpec
 __all__ = ["Supervisor"]
 
 log = logging.getLogger("workers.supervisor")
+#: seconds a slot must run before its restart backoff starts over
+STABLE = 60.0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies (Linux), so a killed
+    supervisor leaves no orphans that a new one would run twice."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class Supervisor:
@@ -33,10 +46,13 @@ class Supervisor:
         self.restarts: dict[int, int] = dict.fromkeys(range(processes), 0)
         self._next_start: dict[int, float] = dict.fromkeys(range(processes), 0.0)
         self._stopping = False
+        self._started: dict[int, float] = {}
+        self._finished: set[int] = set()
 
     def _spawn(self, slot: int) -> None:
         argv = [sys.executable, "-m", "workers.child", self.spec.to_json(), str(slot)]
-        self.children[slot] = subprocess.Popen(argv)
+        self.children[slot] = subprocess.Popen(argv, preexec_fn=_die_with_parent)
+        self._started[slot] = time.monotonic()
         log.info("slot %d: started pid %d", slot, self.children[slot].pid)
 
     def stop(self, *_: object) -> None:
@@ -55,6 +71,9 @@ class Supervisor:
             while not self._stopping:
                 time.sleep(poll)
                 self._reap()
+                if len(self._finished) == self.processes:
+                    log.info("every slot finished (a remote stop, or producers that ended)")
+                    return 0
             return self._shutdown()
         finally:
             if install_signals:
@@ -70,8 +89,18 @@ class Supervisor:
             proc = self.children.get(slot)
             if proc is not None and proc.poll() is None:
                 continue
+            if proc is not None and proc.returncode == 0:
+                # a clean exit is a stop (`broker stop workers`), not a crash: no restart
+                self.children.pop(slot)
+                self._finished.add(slot)
+                log.info("slot %d: finished", slot)
+                continue
+            if slot in self._finished:
+                continue
             if proc is not None:
                 self.children.pop(slot)
+                if now - self._started.get(slot, now) > STABLE:
+                    self.restarts[slot] = 0  # it had run long enough: start the backoff over
                 self.restarts[slot] += 1
                 delay = min(self.max_backoff, 0.5 * 2 ** min(self.restarts[slot] - 1, 10))
                 self._next_start[slot] = now + delay

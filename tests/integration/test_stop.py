@@ -232,3 +232,21 @@ async def test_three_processes_stop_together_and_lose_nothing(
 async def test_bad_token_names(client: broker.Broker, bad: str) -> None:
     with pytest.raises(broker.ConfigurationError):
         client.stop_token(bad)
+
+
+async def test_a_failed_enter_leaves_no_registration(
+    client: broker.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker._stop import StopHub
+
+    async def unreachable(self: StopHub, keys: list[str]) -> None:
+        raise broker.ConnectionLostError("server unreachable (simulated)")
+
+    monkeypatch.setattr(StopHub, "_subscribe", unreachable)
+    parent = StopSource()
+    token = client.stop_token("half-entered", parent=parent.token)
+    with pytest.raises(broker.ConnectionLostError):
+        async with token:
+            pass
+    assert token.key not in client._stop_hub()._tokens
+    assert parent.token._callbacks == [], "the parent no longer holds the failed token"

@@ -133,3 +133,34 @@ async def test_supervisor_restarts_a_killed_slot_and_stops_gracefully(
     assert await list_workers(client) == []
     consumers = {c["name"].decode() for c in await raw.xinfo_consumers(ch.key, "g")}
     assert consumers == {spec.consumer_name(0), spec.consumer_name(1)}, "stable per slot"
+
+
+async def test_a_failing_worker_ends_with_its_error_instead_of_hanging(
+    client: broker.Broker, name: str, namespace: str, redis_url: str, raw: aioredis.Redis
+) -> None:
+    spec = spec_for(redis_url, namespace, name, "record")
+    await raw.set(client.channel(name).key, "not a stream")
+    with pytest.raises(broker.WrongTypeError):
+        await asyncio.wait_for(serve(spec, 0), 15)
+    assert await list_workers(client) == [], "no heartbeat left claiming it is alive"
+
+
+async def test_remote_stop_ends_the_supervisor_instead_of_restarting(
+    client: broker.Broker, name: str, namespace: str, redis_url: str
+) -> None:
+    spec = spec_for(redis_url, namespace, name, "record", grace=1.0)
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.supervise", spec.to_json(), "2"], cwd=ROOT
+    )
+    try:
+        async with asyncio.timeout(30):
+            while len(await list_workers(client)) < 2:
+                await asyncio.sleep(0.05)
+        await client.stop_source(f"workers/{spec.name}").stop("deploy done")
+        code = await asyncio.to_thread(sup.wait, 20)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    assert code == 0
+    await client.stop_source(f"workers/{spec.name}").reset()
