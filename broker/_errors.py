@@ -9,13 +9,14 @@
     ├── ChannelError                carries .channel
     │   ├── GroupMissingError       the stream or the group was deleted under a subscription
     │   ├── WrongTypeError          the key under the channel's name is not a stream
-    │   ├── DecodeError             a payload could not be decoded (carries .message_id)
     │   └── ChannelFullError        a bounded channel is over its lag limit (on_full="raise")
     ├── ClosedError                 a broker or subscription was used after it was closed
     └── RedisCommandError           any other error the server answered with
 
 Every error raised by ``broker`` is a ``BrokerError``; errors of redis-py never leak out of the
-library, they are mapped by :func:`map_redis_errors` with ``raise ... from exc``.
+library, they are mapped by :func:`map_redis_errors` with ``raise ... from exc``. A payload that
+cannot be decoded is not an error of the caller: a subscription dead-letters it with the reason,
+a tail hands it out with ``message.error`` set.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ __all__ = [
     "ClosedError",
     "ConfigurationError",
     "ConnectionLostError",
-    "DecodeError",
     "GroupMissingError",
     "RedisCommandError",
     "WrongTypeError",
@@ -87,16 +87,6 @@ class WrongTypeError(ChannelError):
             "pick another channel name or --namespace, or delete that key",
             channel=channel,
         )
-
-
-class DecodeError(ChannelError):
-    """A payload could not be decoded by the channel's codec."""
-
-    def __init__(self, reason: str, *, channel: str | None = None, message_id: str | None = None):
-        where = f" (channel {channel!r}, id {message_id})" if channel or message_id else ""
-        super().__init__(f"cannot decode payload{where}: {reason}", channel=channel)
-        self.reason = reason
-        self.message_id = message_id
 
 
 class ChannelFullError(ChannelError):
