@@ -6,11 +6,11 @@ import collections
 import re
 from collections.abc import Sequence
 from datetime import datetime
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigurationError
 from ._message import Message
+from ._resource import AsyncResource
 from ._subscription import decode_entry
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class Tail:
+class Tail(AsyncResource):
     """Merged, read-only view of channels, in id order within each read.
 
     :param start: ``"new"`` (entries added after the tail starts), ``"beginning"``, an entry id
@@ -102,11 +102,6 @@ class Tail:
     async def __aenter__(self) -> Tail:
         await self._begin()
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        return None
 
     async def aclose(self) -> None:
         """Nothing to release (a tail holds no tasks); present for symmetry."""
