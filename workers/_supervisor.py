@@ -6,13 +6,14 @@ stable, so a slot restarted after a crash replays its own pending messages at on
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import subprocess
 import sys
 import time
 from types import FrameType
+
+from broker._server import die_with_parent
 
 from ._spec import WorkerSpec
 
@@ -21,16 +22,6 @@ __all__ = ["Supervisor"]
 log = logging.getLogger("workers.supervisor")
 #: seconds a slot must run before its restart backoff starts over
 STABLE = 60.0
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the supervisor dies (Linux), so a killed
-    supervisor leaves no orphans that a new one would run twice."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class Supervisor:
@@ -51,7 +42,7 @@ class Supervisor:
 
     def _spawn(self, slot: int) -> None:
         argv = [sys.executable, "-m", "workers.child", self.spec.to_json(), str(slot)]
-        self.children[slot] = subprocess.Popen(argv, preexec_fn=_die_with_parent)
+        self.children[slot] = subprocess.Popen(argv, preexec_fn=die_with_parent)
         self._started[slot] = time.monotonic()
         log.info("slot %d: started pid %d", slot, self.children[slot].pid)
 
