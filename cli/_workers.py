@@ -1,4 +1,4 @@
-"""``broker worker`` (run workers on this host), ``broker workers`` (list), ``broker bench``."""
+"""``broker worker`` (run workers on this host), ``broker workers`` (list)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from workers import WorkerStatus, list_workers
 
 from ._common import INTERRUPT_ENDS, Config, UserError, run
 
-__all__ = ["bench", "worker", "workers_cmd"]
+__all__ = ["worker", "workers_cmd"]
 
 
 def _supervise(ctx: click.Context, spec_kwargs: dict[str, object], processes: int) -> None:
@@ -169,25 +169,3 @@ def workers_cmd(config: Config, as_json: bool) -> None:
             f"{s.id:40} {s.kind:8} {s.state:9} {'yes' if s.alive else 'NO':5} {s.pid:>7} "
             f"{s.processed:>8} {s.failed:>6} {s.age:.1f}s ago"
         )
-
-
-@click.command()
-@click.option("--messages", "-n", type=click.IntRange(100), default=20_000, show_default=True)
-@click.option(
-    "--tasks",
-    type=click.IntRange(1),
-    default=100,
-    show_default=True,
-    help="Concurrent publishing tasks.",
-)
-@click.pass_obj
-def bench(config: Config, messages: int, tasks: int) -> None:
-    """Measure throughput against a hand-written redis-py loop, on the configured server.
-
-    Writes to a fresh namespace and deletes it afterwards.
-    """
-    from workers.bench import run as bench_run
-    from workers.bench import table
-
-    config.connect()  # a bad URL fails here, as a usage error
-    click.echo(table(run(bench_run(config.url, messages, tasks))))

@@ -20,12 +20,13 @@ import click
 import broker
 
 from ._admin import dead, group, stop
+from ._bench import bench
 from ._common import INTERRUPT_ENDS, Config, UserError
 from ._inspect import channels, info, pending
 from ._publish import publish
 from ._server import demo, server
 from ._tail import tail
-from ._workers import bench, worker, workers_cmd
+from ._workers import worker, workers_cmd
 
 __all__ = ["BrokerGroup", "cli", "main"]
 

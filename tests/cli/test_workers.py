@@ -68,9 +68,3 @@ async def test_worker_bad_handler_is_one_line(sh, name: str) -> None:
     done = await sh("worker", "consume", name, "-g", "g", "--handler", "no.such.module:fn")
     assert done.code == 2 and "cannot load 'no.such.module:fn'" in done.err
     assert_clean(done.err)
-
-
-async def test_bench_prints_a_table(sh) -> None:
-    done = await sh("bench", "-n", "300", "--tasks", "10")
-    assert done.code == 0, done.err
-    assert "| publish, 10 concurrent tasks |" in done.out and "x |" in done.out
