@@ -134,16 +134,14 @@ class Channel(Generic[T]):
     # -- publishing ---------------------------------------------------------------------------
 
     def _entry(self, data: Any, headers: dict[str, str] | None) -> XAdd:
-        fields: dict[bytes, bytes] = {b"d": self.codec.encode(data)}
-        h = pack_headers(headers)
-        if h is not None:
-            fields[b"h"] = h
+        payload = self.codec.encode(data)
+        h = pack_headers(headers) if headers else None
         minid = None
         if self.max_age is not None:
             # entry ids come from the server's clock, so the age bound must too: a producer
             # whose clock runs ahead would otherwise trim away what it just published
             minid = f"{self.broker.server_time_ms() - int(self.max_age * 1000)}-0"
-        return XAdd(self.key, self.name, fields, self.maxlen, minid)
+        return XAdd(self.key, self.name, payload, h, self.maxlen, minid)
 
     async def publish(self, data: T, *, headers: dict[str, str] | None = None) -> str:
         """Append one message and return its id.

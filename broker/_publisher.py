@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 from typing import Any
-
-import redis.exceptions as rex
 
 from ._errors import ClosedError, map_redis_errors
 from ._retry import retrying
+from ._wire import bulk, execute, pack
 
 __all__ = ["PublisherStatistics", "Publisher", "XAdd"]
 
@@ -21,7 +21,9 @@ class XAdd:
 
     key: str
     channel: str
-    fields: dict[bytes, bytes]
+    #: the encoded payload (field ``d``) and headers (field ``h``, absent when None)
+    payload: bytes
+    headers: bytes | None = None
     maxlen: int | None = None
     #: trim entries older than this id (MINID ~), computed from the server's clock
     minid: str | None = None
@@ -148,34 +150,19 @@ class Publisher:
 
 
 async def send_batch(redis: Any, items: list[XAdd], deadline: float) -> list[str | BaseException]:
-    """Send ``items`` as one pipeline; per-entry errors come back in the list, not raised.
+    """Send ``items`` in one round trip; per-entry errors come back in the list, not raised.
 
     A lost connection resends the whole batch until ``deadline``: an entry may then be appended
     twice (at-least-once), never lost without an error.
     """
-
-    async def once() -> list[Any]:
-        if len(items) == 1 and not (items[0].maxlen and items[0].minid):
-            return [await _xadd_one(redis, items[0])]  # no pipeline object for one entry
-        pipe = redis.pipeline(transaction=False)
-        age_trims: dict[str, str] = {}
-        for it in items:
-            if it.maxlen is not None:
-                pipe.xadd(it.key, it.fields, maxlen=it.maxlen, approximate=True)
-                if it.minid is not None:  # XADD takes one trim strategy: the age bound goes after
-                    age_trims[it.key] = it.minid
-            elif it.minid is not None:
-                pipe.xadd(it.key, it.fields, minid=it.minid, approximate=True)
-            else:
-                pipe.xadd(it.key, it.fields)
-        for key, minid in age_trims.items():
-            pipe.xtrim(key, minid=minid, approximate=True)
-        results = await pipe.execute(raise_on_error=False)
-        return list(results[: len(items)])
-
-    raw = await retrying(once, deadline)
+    parts = [pack_xadd(it) for it in items]
+    # XADD takes one trim strategy: an age bound next to a length bound is an XTRIM after
+    age_trims = {it.key: it.minid for it in items if it.maxlen is not None and it.minid}
+    parts += [pack(b"XTRIM", key, b"MINID", b"~", minid) for key, minid in age_trims.items()]
+    payload = b"".join(parts)
+    raw = await retrying(lambda: execute(redis, payload, len(parts)), deadline)
     out: list[str | BaseException] = []
-    for it, r in zip(items, raw, strict=True):
+    for it, r in zip(items, raw, strict=False):
         if isinstance(r, BaseException):
             try:
                 with map_redis_errors(it.channel):
@@ -183,16 +170,28 @@ async def send_batch(redis: Any, items: list[XAdd], deadline: float) -> list[str
             except Exception as mapped:
                 out.append(mapped)
         else:
-            out.append(r.decode() if isinstance(r, bytes) else str(r))
+            out.append(r.decode())
     return out
 
 
-async def _xadd_one(redis: Any, it: XAdd) -> Any:
-    try:
-        if it.maxlen is not None:
-            return await redis.xadd(it.key, it.fields, maxlen=it.maxlen, approximate=True)
-        if it.minid is not None:
-            return await redis.xadd(it.key, it.fields, minid=it.minid, approximate=True)
-        return await redis.xadd(it.key, it.fields)
-    except rex.ResponseError as exc:  # per-entry errors are values, as in a pipeline
-        return exc
+def pack_xadd(it: XAdd) -> bytes:
+    """``XADD key [MAXLEN ~ n | MINID ~ id] * d <payload> [h <headers>]`` as RESP."""
+    if it.minid is not None and it.maxlen is None:
+        args: list[bytes | str] = [b"XADD", it.key, b"MINID", b"~", it.minid, b"*", b"d"]
+        args += [it.payload] if it.headers is None else [it.payload, b"h", it.headers]
+        return pack(*args)
+    head = _xadd_head(it.key, it.maxlen, it.headers is not None)
+    if it.headers is None:
+        return head + bulk(it.payload)
+    return head + bulk(it.payload) + b"$1\r\nh\r\n" + bulk(it.headers)
+
+
+@functools.lru_cache(maxsize=1024)
+def _xadd_head(key: str, maxlen: int | None, headers: bool) -> bytes:
+    """Everything of an XADD before the payload (the same for every entry of a channel)."""
+    args = [b"XADD", key.encode()]
+    if maxlen is not None:
+        args += [b"MAXLEN", b"~", b"%d" % maxlen]
+    args += [b"*", b"d"]
+    count = len(args) + 1 + (2 if headers else 0)
+    return b"*%d\r\n" % count + b"".join(map(bulk, args))
