@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
@@ -14,6 +16,7 @@ __all__ = [
     "JsonCodec",
     "MsgpackCodec",
     "RawCodec",
+    "fast_decoder",
     "get_codec",
     "pack_headers",
     "unpack_headers",
@@ -126,3 +129,15 @@ def unpack_headers(raw: bytes | None) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError(f"headers are not a map but {type(value).__name__}")
     return {str(k): v if isinstance(v, str) else str(v) for k, v in value.items()}
+
+
+def fast_decoder(codec: Codec) -> Callable[[bytes], Any]:
+    """The codec's decode for the hot path: for msgpack the C function itself (no Python frame
+    per message). It may raise anything on bad input; callers fall back to ``codec.decode``,
+    which reports the error."""
+    if type(codec) is MsgpackCodec:
+        return _UNPACK
+    return codec.decode
+
+
+_UNPACK = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False)

@@ -57,7 +57,11 @@ class Message(Generic[T]):
 
         :raises TypeError: if the message came from a read-only tail.
         """
-        self._owner().ack(self)
+        sub = self._subscription
+        if sub is None:
+            self._owner()  # raises
+        else:
+            sub.ack(self)
 
     def nack(self, delay: float | None = None, error: BaseException | str | None = None) -> None:
         """Reject: deliver again after ``delay`` seconds (default: exponential backoff).

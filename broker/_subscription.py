@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from ._codec import unpack_headers
+from ._codec import fast_decoder, unpack_headers
 from ._errors import (
     BrokerError,
     ClosedError,
@@ -42,6 +42,7 @@ from ._names import check_group
 from ._resource import AsyncResource, cancel_and_wait
 from ._retry import Backoff, retrying
 from ._scripts import DEAD_LETTER, PRUNE_CONSUMER
+from ._wire import bulk, execute, pack, pack_strs
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -170,7 +171,8 @@ class Subscription(AsyncResource, Generic[T]):
         self._dead: list[_DeadOp] = []
         self._touch: dict[str, set[str]] = {}
         self._sending = 0
-        self._in_transit: set[_Key] = set()
+        #: acks and dead letters on the wire right now (still held: a replay must skip them)
+        self._in_transit: tuple[dict[str, list[str]], list[_DeadOp]] = ({}, [])
         #: entries read by a replay or a claim, not yet buffered (see _release_unhanded)
         self._arriving: set[_Key] = set()
         #: recently reported trimmed entries (bounded), so each is reported once
@@ -180,6 +182,7 @@ class Subscription(AsyncResource, Generic[T]):
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
         self._ack_wake = asyncio.Event()
+        self._ack_kicked = False  # _ack_wake is set (a plain flag is cheaper on the hot path)
         self._retry_wake = asyncio.Event()
         self._flushed = asyncio.Event()
         self._flushed.set()
@@ -192,10 +195,13 @@ class Subscription(AsyncResource, Generic[T]):
         self._fetch_task: asyncio.Task[None] | None = None
         self._winding: asyncio.Task[None] | None = None
         self._aux: list[asyncio.Task[None]] = []
+        #: delivered = buffered so far - still buffered - dropped from the buffer unhanded
+        #: (so the hot path keeps no per-message counter)
+        self._buffered_total = 0
+        self._unhanded = 0
+        self._acked = 0
         self._stats = dict.fromkeys(
             (
-                "delivered",
-                "acked",
                 "nacked",
                 "dead_lettered",
                 "claimed",
@@ -297,12 +303,17 @@ class Subscription(AsyncResource, Generic[T]):
         return self
 
     async def __anext__(self) -> Message[T]:
+        buffer = self._buffer
+        if buffer and not self._stopped:  # the hot path: one message in hand already
+            msg = buffer.popleft()
+            self._inflight[(msg.channel, msg.id)] = msg
+            return msg
         if not self._entered:
             raise ClosedError("enter the subscription first: `async with ch.subscribe(...) as m`")
         while True:
-            msg = self._take()
-            if msg is not None:
-                return msg
+            taken = self._take()
+            if taken is not None:
+                return taken
             if self._error is not None:
                 raise self._error
             if self._stopped:
@@ -315,7 +326,6 @@ class Subscription(AsyncResource, Generic[T]):
             return None
         msg = self._buffer.popleft()
         self._inflight[(msg.channel, msg.id)] = msg
-        self._stats["delivered"] += 1
         return msg
 
     def chunks(self, size: int, *, timeout: float | None = None) -> AsyncIterator[list[Message[T]]]:
@@ -350,15 +360,17 @@ class Subscription(AsyncResource, Generic[T]):
                 for msg in reversed(batch):
                     if self._inflight.pop((msg.channel, msg.id), None) is not None:
                         self._buffer.appendleft(msg)
-                        self._stats["delivered"] -= 1
                 raise
             yield batch
 
     async def _fill(self, batch: list[Message[T]], size: int, deadline: float | None) -> None:
+        buffer, inflight = self._buffer, self._inflight
         while len(batch) < size:
-            msg = self._take()
-            if msg is not None:
-                batch.append(msg)
+            if buffer and not self._stopped:
+                for _ in range(min(size - len(batch), len(buffer))):
+                    msg = buffer.popleft()
+                    inflight[(msg.channel, msg.id)] = msg
+                    batch.append(msg)
                 continue
             if self._stopped or self._error is not None:
                 return
@@ -403,13 +415,31 @@ class Subscription(AsyncResource, Generic[T]):
 
     def ack(self, messages: Message[T] | Sequence[Message[T]]) -> None:
         """Ack one message or a batch (sent as one ``XACK`` per channel)."""
-        self._check_open()
-        for msg in [messages] if isinstance(messages, Message) else messages:
-            if self._inflight.pop((msg.channel, msg.id), None) is None:
+        if self._tasks is None:
+            self._check_open()
+        if isinstance(messages, Message):  # the hot path: msg.ack()
+            if self._inflight.pop((messages.channel, messages.id), None) is not None:
+                ids = self._acks.get(messages.channel)
+                if ids is None:
+                    ids = self._acks[messages.channel] = []
+                ids.append(messages.id)
+                self._acked += 1
+                if not self._ack_kicked:
+                    self._ack_kicked = True
+                    self._ack_wake.set()
+            return
+        inflight, acks, n = self._inflight, self._acks, 0
+        for msg in messages:
+            if inflight.pop((msg.channel, msg.id), None) is None:
                 continue  # already settled: acking twice is harmless
-            self._acks.setdefault(msg.channel, []).append(msg.id)
-            self._stats["acked"] += 1
-        self._kick()
+            ids = acks.get(msg.channel)
+            if ids is None:
+                ids = acks[msg.channel] = []
+            ids.append(msg.id)
+            n += 1
+        if n:
+            self._acked += n
+            self._kick()
 
     def nack(
         self,
@@ -454,6 +484,8 @@ class Subscription(AsyncResource, Generic[T]):
             in_flight=len(self._inflight),
             retrying=len(self._retry),
             pending_acks=self._pending_acks(),
+            delivered=self._buffered_total - len(self._buffer) - self._unhanded,
+            acked=self._acked,
             **self._stats,
         )
 
@@ -474,7 +506,9 @@ class Subscription(AsyncResource, Generic[T]):
         return self.prefetch - held
 
     def _kick(self) -> None:
-        self._ack_wake.set()
+        if not self._ack_kicked:
+            self._ack_kicked = True
+            self._ack_wake.set()
         self._room.set()
 
     def _held(self) -> set[_Key]:
@@ -484,7 +518,9 @@ class Subscription(AsyncResource, Generic[T]):
         held.update((m.channel, m.id) for _, _, m in self._retry)
         held.update((name, i) for name, ids in self._acks.items() for i in ids)
         held.update((op.channel.name, op.id) for op in self._dead)
-        held.update(self._in_transit)
+        acks, dead = self._in_transit
+        held.update((name, i) for name, ids in acks.items() for i in ids)
+        held.update((op.channel.name, op.id) for op in dead)
         return held
 
     def _note_trimmed(self, ch: Channel[Any], ids: list[str]) -> None:
@@ -602,16 +638,13 @@ class Subscription(AsyncResource, Generic[T]):
 
     async def _replay(self, replay: set[str], room: int) -> None:
         """One page of this consumer's own pending entries per channel still replaying."""
-        r = self.broker.redis
         cursors = self._replay_cursors
         chans = [self._by_name[n] for n in sorted(replay)]
         streams = {c.key: cursors.get(c.name, "0") for c in chans}
         # COUNT is per stream: share the room so a replay over many channels stays bounded
         per_stream = max(1, -(-room // len(chans)))
         self._read_cancelled = True  # a cancel mid-call may leave entries we never saw
-        reply = await self._call(
-            lambda: r.xreadgroup(self.group, self.consumer, streams, count=per_stream)
-        )
+        reply = await self._call(lambda: self._xreadgroup(streams, per_stream, None))
         self._read_cancelled = False
         got: dict[str, list[Any]] = {c.name: [] for c in chans}
         for key, entries in reply or []:
@@ -655,26 +688,76 @@ class Subscription(AsyncResource, Generic[T]):
         return len(entries)
 
     async def _read_new(self, room: int) -> None:
-        r = self.broker.redis
         per_stream = max(1, -(-room // len(self.channels)))
         streams = {c.key: ">" for c in self.channels}
         self._read_cancelled = True  # cleared below unless the read is cancelled midway
-        reply = await self._call(
-            lambda: r.xreadgroup(
-                self.group,
-                self.consumer,
-                streams,
-                count=per_stream,
-                block=int(self.block * 1000),
-            )
-        )
+        reply = await self._call(lambda: self._xreadgroup(streams, per_stream, self.block))
         self._read_cancelled = False
-        for key, entries in reply or []:
+        for key, entries in reply:
             await self._ingest(self._by_key[key], entries, counted=False)
 
+    async def _xreadgroup(
+        self, streams: dict[str, str], count: int, block: float | None
+    ) -> list[tuple[bytes, list[Any]]]:
+        """``XREADGROUP`` as the server sends it: ``[(key, [[id, [field, value, ...]]])]``
+        (fields ``None`` for an entry deleted while pending); RESP2 or RESP3."""
+        args: list[bytes | str | int] = [b"XREADGROUP", b"GROUP", self.group, self.consumer]
+        args += [b"COUNT", count]
+        if block is not None:
+            args += [b"BLOCK", int(block * 1000)]
+        args += [b"STREAMS", *streams, *streams.values()]
+        wait = block or 0.0
+        (reply,) = await execute(self.broker.redis, pack(*args), 1, wait=wait)
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(reply, dict):  # RESP3 (redis-py's default protocol since 8.0) sends a map
+            return list(reply.items())
+        return reply or []
+
     async def _ingest(self, ch: Channel[Any], entries: list[Any], *, counted: bool) -> None:
-        """Turn entries into messages; trimmed, poison and over-delivered ones are settled here."""
-        held = self._held() if counted else set()
+        """Turn entries into messages; trimmed, poison and over-delivered ones are settled here.
+
+        ``entries`` are ``(id, fields)`` with fields a dict, a flat ``[field, value, ...]`` list
+        as the server sends it, or empty/None for an entry deleted while pending.
+        """
+        if not counted:  # new entries: delivered for the first time, never held
+            buffer, before, bad = self._buffer, len(self._buffer), False
+            name, decode, limit = ch.name, fast_decoder(ch.codec), ch.broker.settings.max_payload
+            for raw_id, fields in entries:
+                # the hot path, as decode_entry's first branch: what publish() writes
+                if fields and len(fields) == 2 and fields[0] == b"d" and len(fields[1]) <= limit:
+                    try:
+                        data = decode(fields[1])
+                    except Exception:  # decode_entry below reports it
+                        pass
+                    else:
+                        buffer.append(
+                            Message(
+                                raw_id.decode(),
+                                name,
+                                data,
+                                {},
+                                1,
+                                False,
+                                None,
+                                {b"d": fields[1]},
+                                self,
+                            )
+                        )
+                        continue
+                msg = decode_entry(ch, raw_id.decode(), fields, 1, self)
+                if msg.error is None and fields:
+                    buffer.append(msg)
+                else:
+                    bad = True
+                    self._settle_bad(ch, msg)
+            self._buffered_total += len(buffer) - before
+            if bad:
+                self._kick()
+            if buffer:
+                self._readable.set()
+            return
+        held = self._held()
         counts: dict[str, int] = {}
         if counted and entries:
             # until they are buffered, a cancel (a stop) must still find these to release them
@@ -689,13 +772,14 @@ class Subscription(AsyncResource, Generic[T]):
                 self._acks.setdefault(ch.name, []).append(entry_id)
                 self._note_trimmed(ch, [entry_id])
                 continue
-            msg = self._decode(ch, entry_id, fields, counts.get(entry_id, 1))
+            msg = decode_entry(ch, entry_id, fields, counts.get(entry_id, 1), self)
             if msg.error is not None:
                 self._dead_letter(msg, msg.error)
             elif msg.deliveries > self.max_deliveries:
                 self._dead_letter(msg, f"delivered {msg.deliveries} times without an ack")
             else:
                 self._buffer.append(msg)
+                self._buffered_total += 1
         self._arriving = set()
         self._kick()
         if self._buffer:
@@ -715,10 +799,13 @@ class Subscription(AsyncResource, Generic[T]):
             row["message_id"].decode(): row for rows in await self._call(fetch, ch) for row in rows
         }
 
-    def _decode(
-        self, ch: Channel[Any], entry_id: str, fields: dict[bytes, bytes], deliveries: int
-    ) -> Message[T]:
-        return decode_entry(ch, entry_id, fields, deliveries, self)
+    def _settle_bad(self, ch: Channel[Any], msg: Message[Any]) -> None:
+        """A new entry that cannot be handed out: trimmed already, or undecodable."""
+        if msg.error is not None:
+            self._dead_letter(msg, msg.error)
+        else:  # deleted before we read it: nothing left to deliver
+            self._acks.setdefault(ch.name, []).append(msg.id)
+            self._note_trimmed(ch, [msg.id])
 
     # -- internals: settling loops ------------------------------------------------------------
 
@@ -726,6 +813,7 @@ class Subscription(AsyncResource, Generic[T]):
         while True:
             await self._ack_wake.wait()
             self._ack_wake.clear()
+            self._ack_kicked = False
             await self._send_settlements()
             if not (self._acks or self._dead or self._touch):
                 self._flushed.set()
@@ -737,25 +825,25 @@ class Subscription(AsyncResource, Generic[T]):
         if not (acks or dead or touch):
             return
         self._sending = sum(map(len, acks.values())) + len(dead)
-        self._in_transit = {(n, i) for n, ids in acks.items() for i in ids}
-        self._in_transit.update((op.channel.name, op.id) for op in dead)
+        self._in_transit = (acks, dead)
         r = self.broker.redis
+        group = bulk(self.group.encode())
+        parts = [
+            b"*%d\r\n$4\r\nXACK\r\n%b%b%b"
+            % (3 + len(ids), bulk(self._by_name[name].key.encode()), group, pack_strs(ids))
+            for name, ids in acks.items()
+        ]
+        parts += [
+            pack(b"XCLAIM", self._by_name[name].key, self.group, self.consumer, 0, *tids, b"JUSTID")
+            for name, tids in touch.items()
+        ]
+        payload = b"".join(parts)
 
         async def send() -> None:
-            if acks or touch:
-                pipe = r.pipeline(transaction=False)
-                for name, ids in acks.items():
-                    pipe.xack(self._by_name[name].key, self.group, *ids)
-                for name, tids in touch.items():
-                    pipe.xclaim(
-                        self._by_name[name].key,
-                        self.group,
-                        self.consumer,
-                        0,
-                        list(tids),
-                        justid=True,
-                    )
-                await pipe.execute()
+            if parts:
+                for reply in await execute(r, payload, len(parts)):
+                    if isinstance(reply, BaseException):
+                        raise reply
             while dead:
                 op = dead[0]
                 await DEAD_LETTER(r, [op.channel.key, op.channel.dead_key], _dead_args(self, op))
@@ -765,7 +853,7 @@ class Subscription(AsyncResource, Generic[T]):
             await self._retry_call(send)
         finally:
             self._sending = 0
-            self._in_transit = set()
+            self._in_transit = ({}, [])
             self._room.set()
 
     async def _drain_acks(self) -> None:
@@ -809,11 +897,12 @@ class Subscription(AsyncResource, Generic[T]):
                         self._acks.setdefault(name, []).append(entry_id)
                         self._note_trimmed(ch, [entry_id])
                         continue
-                    msg = self._decode(ch, entry_id, fields, prior.get(entry_id, 0) + 1)
+                    msg = decode_entry(ch, entry_id, fields, prior.get(entry_id, 0) + 1, self)
                     if msg.error is not None:
                         self._dead_letter(msg, msg.error)
                     else:
                         self._buffer.append(msg)
+                        self._buffered_total += 1
                 self._kick()
                 self._readable.set()
 
@@ -880,6 +969,7 @@ class Subscription(AsyncResource, Generic[T]):
         by_channel: dict[str, dict[str, int]] = {}
         for msg in itertools.chain(self._buffer, (m for _, _, m in self._retry)):
             by_channel.setdefault(msg.channel, {})[msg.id] = msg.deliveries - 1
+        self._unhanded += len(self._buffer)
         self._buffer.clear()
         self._retry.clear()
         r = self.broker.redis
@@ -928,11 +1018,43 @@ _SCAN_PAGES = 10
 def decode_entry(
     ch: Channel[Any],
     entry_id: str,
-    fields: dict[bytes, bytes],
+    fields: dict[bytes, bytes] | list[bytes] | None,
     deliveries: int = 1,
     subscription: Subscription[Any] | None = None,
 ) -> Message[Any]:
-    """Build a message from raw fields; a decode failure is reported in ``message.error``."""
+    """Build a message from raw fields (a dict, or the server's flat list); a decode failure is
+    reported in ``message.error``."""
+    if isinstance(fields, list):
+        if len(fields) == 2 and fields[0] == b"d":  # what publish() writes: the fast path
+            payload = fields[1]
+            if len(payload) <= ch.broker.settings.max_payload:
+                try:
+                    data = ch.codec.decode(payload)
+                except Exception:  # the general path below reports it
+                    pass
+                else:
+                    return Message(
+                        entry_id,
+                        ch.name,
+                        data,
+                        {},
+                        deliveries,
+                        False,
+                        None,
+                        {b"d": payload},
+                        subscription,
+                    )
+        fields = dict(zip(fields[::2], fields[1::2], strict=False))
+    return _decode_fields(ch, entry_id, fields or {}, deliveries, subscription)
+
+
+def _decode_fields(
+    ch: Channel[Any],
+    entry_id: str,
+    fields: dict[bytes, bytes],
+    deliveries: int,
+    subscription: Subscription[Any] | None,
+) -> Message[Any]:
     payload = fields.get(b"d")
     if payload is None:
         data: Any = {k.decode(errors="replace"): _maybe_text(v) for k, v in fields.items()}
