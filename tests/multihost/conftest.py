@@ -1,9 +1,9 @@
 """Fixtures of the multi-host tier: a bridge, three network namespaces ("hosts") and a server.
 
 The session builds the network once (:mod:`tests.multihost.netns`) and starts a private
-``redis-server`` bound to the bridge's address only (so nothing leaves the machine). ``redis_url``
-is overridden here, so the shared ``client`` and ``raw`` fixtures of ``tests/conftest.py`` talk to
-that server from the root namespace, over the bridge address.
+``redis-server`` in a namespace of its own, bound to its address there only (so nothing leaves
+the machine). ``redis_url`` is overridden here, so the shared ``client`` and ``raw`` fixtures of
+``tests/conftest.py`` talk to that server from the root namespace, over the bridge.
 
 If the namespaces cannot be created every test of this tier fails with the reason — except for
 a non-root user outside CI, where they are reported as skipped with that reason (``.ci/run``
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multihost.netns import Host, HostProcess, Network, NetworkError
+from tests.multihost.netns import Host, HostProcess, Network, NetworkError, broker_cli
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +37,9 @@ def net() -> Iterator[Network]:
     if problem is not None:  # outside the except: the report shows the reason, not a chain
         pytest.fail(f"multihost: cannot build the test network: {problem}", pytrace=False)
     print(
-        f"\n[multihost] bridge {network.bridge} {network.gateway}/24, server {network.url}, "
-        + ", ".join(f"{h.netns}={h.ip} ({h.veth_root}<->{h.veth_host})" for h in network.hosts)
+        f"\n[multihost] bridge {network.bridge} {network.gateway}/24, server {network.url} "
+        f"in {network.server_host}, "
+        + ", ".join(f"{h} ({h.veth_root}<->{h.veth_host})" for h in network.hosts)
     )
     try:
         yield network
@@ -53,6 +54,7 @@ def redis_url(net: Network) -> str:
 
 
 Spawn = Callable[[Host, str, list[str], str], HostProcess]
+StartCli = Callable[..., HostProcess]
 
 
 @pytest.fixture
@@ -76,4 +78,32 @@ def spawn(net: Network, tmp_path: Path) -> Iterator[Spawn]:
         for hp in started:
             hp.kill()
         for host in net.hosts:  # a test that failed while a host was cut must not leave it so
+            net.restore(host)
+
+
+@pytest.fixture
+def start_cli(net: Network, tmp_path: Path, namespace: str) -> Iterator[StartCli]:
+    """``start_cli(host, args, tag, env=None)``: run ``broker <args>`` inside ``host``.
+
+    The server and the test's namespace come from ``BROKER_URL``/``BROKER_NAMESPACE`` (also
+    what the receipts handler reads). Every process started through it has its process group
+    SIGKILLed at the end of the test (a worker's supervisor with its slots), and every host's
+    link is up again afterwards.
+    """
+    started: list[HostProcess] = []
+
+    def start(
+        host: Host, args: list[str], tag: str, env: dict[str, str] | None = None
+    ) -> HostProcess:
+        full = {"BROKER_URL": net.url, "BROKER_NAMESPACE": namespace, **(env or {})}
+        hp = net.run_in(host, [*broker_cli(), *args], tmp_path, tag, env=full)
+        started.append(hp)
+        return hp
+
+    try:
+        yield start
+    finally:
+        for hp in started:
+            hp.kill()
+        for host in net.hosts:
             net.restore(host)

@@ -2,14 +2,22 @@
 
 ::
 
-    root namespace                         namespace brkh<sfx>-1   (10.77.X.11)
-      brk<sfx>  10.77.X.1/24  ── vb<sfx>1 ═══ vh<sfx>1
-      (redis-server binds      ── vb<sfx>2 ═══ vh<sfx>2   namespace brkh<sfx>-2 (10.77.X.12)
-       here only)              ── vb<sfx>3 ═══ vh<sfx>3   namespace brkh<sfx>-3 (10.77.X.13)
+    root namespace (the test)
+      brk<sfx>  10.77.X.1/24  ── vb<sfx>0 ═══ vh<sfx>0   namespace brkh<sfx>-0  10.77.X.10  redis
+                              ── vb<sfx>1 ═══ vh<sfx>1   namespace brkh<sfx>-1  10.77.X.11  "host1"
+                              ── vb<sfx>2 ═══ vh<sfx>2   namespace brkh<sfx>-2  10.77.X.12  "host2"
+                              ── vb<sfx>3 ═══ vh<sfx>3   namespace brkh<sfx>-3  10.77.X.13  "host3"
 
-``X`` and ``<sfx>`` are random (checked against what exists), so parallel or leftover runs do
-not clash; interface names stay well under the kernel's 15 characters. Processes run in a host
-with ``ip netns exec`` (which execs the command: the PID we hold is the Python process itself).
+Every host, the server's included, reaches the others over its own veth link and the bridge; the
+test itself talks to the server from the root namespace through the bridge's address. ``X`` and
+``<sfx>`` are random (checked against what exists), so parallel or leftover runs do not clash;
+interface names stay well under the kernel's 15 characters.
+
+Processes run in a host with ``ip netns exec`` plus ``unshare --uts`` and ``hostname hostN``, so
+each host also has its own host name (the worker runtime names consumers and heartbeats after
+it). Both exec the command: the PID we hold is the process itself. Each process leads its own
+process group, so a worker's supervisor and its children are SIGKILLed together, like a machine
+that dies (:meth:`HostProcess.kill`).
 
 Cutting a host (:meth:`Network.cut`) sets the *root-side* veth down: the bridge port is
 disabled and the host side loses carrier, so every packet either way is dropped silently. TCP
@@ -68,8 +76,38 @@ class Host:
     veth_root: str  # the bridge port, in the root namespace
     veth_host: str  # inside the namespace
 
+    @property
+    def hostname(self) -> str:
+        """The host name its processes see (their own UTS namespace)."""
+        return f"host{self.index}"
+
     def __str__(self) -> str:
-        return f"host{self.index}({self.netns} {self.ip})"
+        return f"{self.hostname}({self.netns} {self.ip})"
+
+    def argv(self, command: list[str]) -> list[str]:
+        """``command`` run inside this host: its network namespace and its host name."""
+        return [
+            "ip", "netns", "exec", self.netns, "unshare", "--uts", "--",
+            "sh", "-c", 'hostname "$0" && exec "$@"', self.hostname, *command,
+        ]  # fmt: skip
+
+
+class NamespacedServer(EmbeddedServer):
+    """A private ``redis-server`` inside ``host``'s namespace, bound to its address only."""
+
+    def __init__(self, host: Host, **kwargs: object) -> None:
+        super().__init__(bind=host.ip, **kwargs)  # type: ignore[arg-type]
+        self.host = host
+
+    def _argv(self) -> list[str]:
+        # `ip netns exec` execs redis-server: the PID held (and signalled) is the server's
+        return ["ip", "netns", "exec", self.host.netns, *super()._argv()]
+
+
+def broker_cli() -> list[str]:
+    """The ``broker`` console script of this interpreter's environment (else ``-m cli``)."""
+    script = Path(sys.executable).with_name("broker")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
 @dataclass
@@ -102,12 +140,19 @@ class HostProcess:
         )
 
     def kill(self) -> None:
-        """SIGKILL by PID (if still running) and reap."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL its process group (the process and any children, e.g. a worker's slots,
+        at once, as when a machine dies) and reap. The group is the one this process leads
+        (its PID); after the leader exits, children may still hold it."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process only (a supervisor forwards it to its slots)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
 
 
 @dataclass
@@ -116,6 +161,8 @@ class Network:
     suffix: str = field(default_factory=lambda: secrets.token_hex(2))
     prefix: str = ""
     hosts: list[Host] = field(default_factory=list)
+    #: the server's own namespace ("host0")
+    server_host: Host | None = None
     server: EmbeddedServer | None = None
     processes: list[HostProcess] = field(default_factory=list)
     _created_netns: list[str] = field(default_factory=list)
@@ -154,8 +201,9 @@ class Network:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 self._pick_names()
                 self._build()
-            self.server = EmbeddedServer(bind=self.gateway)
-            self.server.start()
+            assert self.server_host is not None
+            self.server = NamespacedServer(self.server_host)
+            self.server.start()  # its PING comes from the root namespace, over the bridge
             for host in self.hosts:
                 self._check_reach(host)
         except BaseException:
@@ -174,7 +222,7 @@ class Network:
             raise NetworkError("no free 10.77.X.0/24 subnet on this machine")
         # 0 first (the documented layout), a random free one when it is taken
         self.prefix = f"10.77.{0 if 0 in free else random.choice(free)}"
-        self.hosts = [
+        every = [
             Host(
                 index=i,
                 netns=f"brkh{self.suffix}-{i}",
@@ -182,11 +230,14 @@ class Network:
                 veth_root=f"vb{self.suffix}{i}",
                 veth_host=f"vh{self.suffix}{i}",
             )
-            for i in range(1, self.n_hosts + 1)
+            for i in range(self.n_hosts + 1)
         ]
+        self.server_host, self.hosts = every[0], every[1:]
 
     def _build(self) -> None:
-        first = self.hosts[0].netns
+        assert self.server_host is not None
+        every = [self.server_host, *self.hosts]
+        first = every[0].netns
         try:
             _ip("netns", "add", first)
         except NetworkError as exc:
@@ -195,14 +246,14 @@ class Network:
                 f"and a kernel that allows `ip netns add` (CI runs them as root)"
             ) from exc
         self._created_netns.append(first)
-        for host in self.hosts[1:]:
+        for host in every[1:]:
             _ip("netns", "add", host.netns)
             self._created_netns.append(host.netns)
         _ip("link", "add", self.bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0")
         self._created_links.append(self.bridge)
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
-        for host in self.hosts:
+        for host in every:
             _ip(
                 "link", "add", host.veth_root, "type", "veth",
                 "peer", "name", host.veth_host, "netns", host.netns,
@@ -215,7 +266,8 @@ class Network:
             _ip("-n", host.netns, "link", "set", host.veth_host, "up")
 
     def _check_reach(self, host: Host, timeout: float = 15.0) -> None:
-        """From inside ``host``: a TCP connection to the server that answers PING."""
+        """From inside ``host``: a TCP connection to the server that answers PING, and the
+        host name its processes see."""
         assert self.server is not None
         probe = (
             "import socket,sys,time\n"
@@ -224,33 +276,75 @@ class Network:
             "  try:\n"
             "    s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=1)\n"
             "    s.sendall(b'PING\\r\\n'); r=s.recv(16); s.close()\n"
-            "    if r.startswith(b'+PONG'): print('ok'); break\n"
+            "    if r.startswith(b'+PONG'): print('ok', socket.gethostname()); break\n"
             "  except OSError as e:\n"
             "    if time.monotonic()>end: sys.exit(f'unreachable: {e}')\n"
             "    time.sleep(0.05)\n"
         )
-        argv = ["ip", "netns", "exec", host.netns, sys.executable, "-c", probe]
-        argv += [self.gateway, str(self.server.port), str(timeout)]
+        argv = host.argv([sys.executable, "-c", probe])
+        argv += [self.server.bind, str(self.server.port), str(timeout)]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10)
         if done.returncode != 0 or "ok" not in done.stdout:
             raise NetworkError(
-                f"{host} cannot reach the server at {self.gateway}:{self.server.port}: "
+                f"{host} cannot reach the server at {self.server.bind}:{self.server.port}: "
                 f"{(done.stderr or done.stdout).strip()}"
             )
+        if done.stdout.split() != ["ok", host.hostname]:
+            raise NetworkError(f"{host}: processes there see {done.stdout.strip()!r}")
 
     # -- using --------------------------------------------------------------------------------
 
     def spawn(
         self, host: Host, module: str, args: list[str], log_dir: Path, tag: str
     ) -> HostProcess:
-        """``ip netns exec <host> python -m <module> <args>`` with cwd at the repository root."""
+        """``python -m <module> <args>`` inside ``host``, with cwd at the repository root."""
+        return self.run_in(host, [sys.executable, "-m", module, *args], log_dir, tag)
+
+    def run_in(
+        self,
+        host: Host,
+        command: list[str],
+        log_dir: Path,
+        tag: str,
+        env: dict[str, str] | None = None,
+    ) -> HostProcess:
+        """Start ``command`` inside ``host`` (cwd: the repository root, which is also on
+        ``PYTHONPATH`` so handlers in ``tests.helpers`` import; ``env`` is added to ours), in
+        a process group of its own."""
         out, err = log_dir / f"{tag}.out", log_dir / f"{tag}.err"
-        argv = ["ip", "netns", "exec", host.netns, sys.executable, "-m", module, *args]
+        full_env = {**os.environ, **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
         with open(out, "wb") as fo, open(err, "wb") as fe:
-            proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe)
+            proc = subprocess.Popen(
+                host.argv(command),
+                cwd=ROOT,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=fo,
+                stderr=fe,
+                start_new_session=True,
+            )
         hp = HostProcess(host, tag, proc, out, err)
         self.processes.append(hp)
         return hp
+
+    def run_cli(
+        self, host: Host, args: list[str], *, env: dict[str, str] | None = None, timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``broker <args>`` inside ``host`` to completion (at most ``timeout`` s)."""
+        full_env = {**os.environ, **(env or {})}
+        full_env["PYTHONPATH"] = str(ROOT)
+        return subprocess.run(
+            host.argv([*broker_cli(), *args]),
+            cwd=ROOT,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def cut(self, host: Host) -> None:
         """Partition ``host``: its packets (and the server's to it) are dropped silently."""

@@ -6,10 +6,7 @@ Each test compares sets of ids and prints what it measured (run with ``-s`` to s
 from __future__ import annotations
 
 import asyncio
-import inspect
-import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,50 +18,12 @@ from broker._semaphore import GroupSemaphore
 from tests.conftest import compare_ids
 from tests.multihost.conftest import Spawn
 from tests.multihost.netns import HostProcess, Network
+from tests.multihost.support import exit_code, report, until
 
 pytestmark = pytest.mark.multihost
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def _report(procs: Sequence[HostProcess]) -> str:
-    return "\n".join(hp.describe() for hp in procs)
-
-
-async def until(
-    check: Callable[[], bool | Awaitable[bool]],
-    *,
-    bound: float,
-    what: str,
-    watch: Sequence[HostProcess] = (),
-    every: float = 0.02,
-) -> float:
-    """Poll ``check`` until true; fail after ``bound`` s or when a watched process exits.
-
-    Returns the seconds it took.
-    """
-    t0 = time.monotonic()
-    while True:
-        ok = check()
-        if inspect.isawaitable(ok):
-            ok = await ok
-        if ok:
-            return time.monotonic() - t0
-        for hp in watch:
-            if hp.poll() is not None:
-                pytest.fail(f"{hp.tag} exited while waiting for {what}:\n{_report(watch)}")
-        if time.monotonic() - t0 > bound:
-            pytest.fail(f"no {what} after {bound}s:\n{_report(watch)}")
-        await asyncio.sleep(every)
-
-
-async def exit_code(hp: HostProcess, bound: float) -> int:
-    """Wait (in a thread, at most ``bound`` s) for ``hp`` to exit."""
-    try:
-        return await asyncio.to_thread(hp.proc.wait, bound)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{hp.tag} did not exit within {bound}s:\n{hp.describe()}")
 
 
 def _lines(path: Path) -> list[str]:
@@ -132,7 +91,7 @@ async def test_group_limit_holds_across_hosts(
 
     ended = await asyncio.gather(*(timed(w) for w in workers))
     codes = [c for c, _ in ended]
-    assert codes == [0, 0, 0], _report(workers)
+    assert codes == [0, 0, 0], report(workers)
 
     peak = int(await raw.get(f"{namespace}:peak") or 0)
     gauge = int(await raw.get(f"{namespace}:gauge") or 0)
@@ -200,7 +159,7 @@ async def test_stop_reaches_a_host_that_was_cut_off(
         receivers = await client.stop_source("halt").stop("maintenance")
 
         codes12 = list(await asyncio.gather(exit_code(first, 15), exit_code(second, 15)))
-        assert codes12 == [0, 0], _report(workers)
+        assert codes12 == [0, 0], report(workers)
         # the cut-off host cannot have heard of it: give it a second to prove it
         await asyncio.sleep(max(0.0, 1.0 - (time.time_ns() - t_stop) / 1e9))
         cut_for = (time.time_ns() - t_stop) / 1e9
@@ -365,7 +324,7 @@ async def test_kill_9_on_one_host_others_finish_and_permits_return(
     await client.stop_source("end").stop()
     codes = list(await asyncio.gather(*(exit_code(w, 20) for w in survivors)))
     stop_to_exit = time.monotonic() - t_stop
-    assert codes == [0, 0], _report(workers)
+    assert codes == [0, 0], report(workers)
 
     done = await _strs(raw, done_key)
     residual = int(await raw.get(f"{namespace}:gauge") or 0)  # handlers the kill interrupted
