@@ -46,14 +46,14 @@ async def run_consumer(
     """Run ``handler`` on each message of ``sub`` with bounded concurrency until it stops.
 
     A message is acked when its handler returns and nacked (retry with backoff, then dead
-    letters) when it raises. A slot is taken before a message is, so at most ``concurrency``
-    messages are in handlers and the subscription's prefetch bounds the rest. On stop (the
-    token, ``sub.stop()``) no new message starts; running handlers finish and are acked.
+    letters) when it raises. ``concurrency`` workers each take a message only when free, so at
+    most ``concurrency`` messages are in handlers and the subscription's prefetch bounds the
+    rest. On stop (the token, ``sub.stop()``) no new message starts; running handlers finish
+    and are acked.
     """
     if not _is_async(handler):
         raise TypeError(f"handler must be an async function (async def), got {handler!r}")
     check_limits(concurrency, group_concurrency, lease)
-    slots = asyncio.Semaphore(concurrency)
     group = None
     if group_concurrency is not None:
         ch = sub.channels[0]
@@ -77,29 +77,31 @@ async def run_consumer(
             msg.nack(error=exc)
         else:
             msg.ack()
-        finally:
-            slots.release()
 
-    error: Exception | None = None
+    errors: list[Exception] = []
+
+    async def worker() -> None:
+        # one of ``concurrency`` long-lived workers: a worker takes a message only when it is
+        # free, so at most ``concurrency`` are in handlers (no task per message)
+        while not errors:
+            try:
+                msg = await anext(sub)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:  # raised below as itself, not in an ExceptionGroup
+                errors.append(exc)
+                return
+            await handle(msg)
+
     try:
         async with asyncio.TaskGroup() as tg:
-            while True:
-                await slots.acquire()
-                try:
-                    msg = await anext(sub)
-                except StopAsyncIteration:
-                    slots.release()
-                    break
-                except Exception as exc:  # raised below as itself, not in an ExceptionGroup
-                    slots.release()
-                    error = exc
-                    break
-                tg.create_task(handle(msg), name=f"handler {msg.channel} {msg.id}")
+            for n in range(concurrency):
+                tg.create_task(worker(), name=f"{sub!r} worker {n}")
     finally:
         if remove is not None:
             remove()
-    if error is not None:
-        raise error
+    if errors:
+        raise errors[0]
 
 
 def _is_async(fn: object) -> bool:
