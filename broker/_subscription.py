@@ -183,6 +183,7 @@ class Subscription(AsyncResource, Generic[T]):
         self._room = asyncio.Event()
         self._ack_wake = asyncio.Event()
         self._ack_kicked = False  # _ack_wake is set (a plain flag is cheaper on the hot path)
+        self._parked = False  # the read loop waits for room
         self._retry_wake = asyncio.Event()
         self._flushed = asyncio.Event()
         self._flushed.set()
@@ -427,6 +428,8 @@ class Subscription(AsyncResource, Generic[T]):
                 if not self._ack_kicked:
                     self._ack_kicked = True
                     self._ack_wake.set()
+                if self._parked:  # an acked message makes room
+                    self._room.set()
             return
         inflight, acks, n = self._inflight, self._acks, 0
         for msg in messages:
@@ -502,8 +505,16 @@ class Subscription(AsyncResource, Generic[T]):
         return sum(map(len, self._acks.values())) + len(self._dead) + self._sending
 
     def _room_left(self) -> int:
-        held = len(self._buffer) + len(self._inflight) + len(self._retry) + self._pending_acks()
-        return self.prefetch - held
+        """Room for more messages: ``prefetch`` minus the messages not yet settled.
+
+        An acked message no longer counts while its ack is on its way (the next read goes out
+        next to the ``XACK``, not after it), but unsent acks are bounded too: beyond
+        ``prefetch`` of them, reading waits. So at most ``2 * prefetch`` entries of this
+        consumer are pending on the server.
+        """
+        held = len(self._buffer) + len(self._inflight) + len(self._retry) + len(self._dead)
+        acks = sum(map(len, self._acks.values())) + self._sending
+        return self.prefetch - held - max(0, acks - self.prefetch)
 
     def _kick(self) -> None:
         if not self._ack_kicked:
@@ -618,7 +629,11 @@ class Subscription(AsyncResource, Generic[T]):
             room = self._room_left()
             if room <= 0:
                 self._room.clear()
-                await self._room.wait()
+                self._parked = True
+                try:
+                    await self._room.wait()
+                finally:
+                    self._parked = False
                 continue
             try:
                 if replay:
