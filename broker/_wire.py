@@ -52,7 +52,7 @@ async def execute(redis: Any, payload: bytes, replies: int, *, wait: float = 0.0
     conn = await pool.get_connection()
     complete = False
     try:
-        await conn.send_packed_command(payload, check_health=False)
+        await conn.send_packed_command(payload)
         limit = (conn.socket_timeout or 30.0) + wait
         out: list[Any] = []
         try:
