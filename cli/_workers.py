@@ -1,73 +1,79 @@
-"""``broker worker`` (run workers on this host), ``broker workers`` (list)."""
+"""``broker worker`` (run a worker on this host, or check its health), ``broker workers`` (list)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-from collections.abc import Callable
+import os
+import time
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from workers import WorkerStatus, list_workers
+from workers._spec import LOG_FORMATS, LOG_LEVELS
 
-from ._common import INTERRUPT_ENDS, Config, UserError, run
+from ._common import Config, UserError, run
+from ._format import duration, table
 
 __all__ = ["worker", "workers_cmd"]
 
-
-def _supervise(ctx: click.Context, spec_kwargs: dict[str, object], processes: int) -> None:
-    from broker import ConfigurationError
-    from workers import Supervisor, WorkerSpec, load_target
-
-    config: Config = ctx.obj
-    try:
-        spec = WorkerSpec(url=config.url, namespace=config.namespace, **spec_kwargs)  # type: ignore[arg-type]
-        load_target(spec.target)  # fail here, once, rather than in every child
-    except ConfigurationError as exc:
-        raise UserError(str(exc), exit_code=2) from exc
-    ctx.meta[INTERRUPT_ENDS] = True
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    code = Supervisor(spec, processes).run()
-    ctx.exit(code)
-
-
-@click.group()
-def worker() -> None:
-    """Run a consumer or producer worker in N processes on this host (until Ctrl-C/SIGTERM).
-
-    Each process is a slot with a stable consumer name (<name>-<host>-<slot>), so a slot that
-    crashes is restarted and replays its own pending messages. `broker stop workers/NAME`
-    stops this worker on every host; `broker stop workers` stops every worker.
-    """
-
-
-_common_options = [
-    click.option("--name", help="Worker name (default: the handler's function name)."),
-    click.option("--processes", "-p", type=click.IntRange(1, 256), default=1, show_default=True),
-    click.option(
-        "--grace",
-        type=click.FloatRange(0),
-        default=10.0,
-        show_default=True,
-        help="Seconds running handlers get after a stop before they are cancelled.",
-    ),
-]
-
-
-def _with_common(f: Callable[..., None]) -> Callable[..., None]:
-    for option in reversed(_common_options):
-        f = option(f)
-    return f
-
-
-@worker.command("consume")
-@click.argument("channels", nargs=-1, required=True)
-@click.option("--group", "-g", required=True, help="Consumer group.")
-@click.option(
-    "--handler", required=True, help="async def handler(msg), as package.module:function."
+#: options that only mean something for a consumer
+_CONSUMER_ONLY = (
+    "group",
+    "concurrency",
+    "group_concurrency",
+    "max_deliveries",
+    "claim_idle",
+    "start",
 )
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=1, show_default=True)
+
+
+@click.command(
+    epilog="""\b
+Handler kinds (told from the signature):
+  async def handler(msg)              a consumer: needs --group, any number of --channel
+  async def orders(): yield payload   a producer: publishes each item into its one --channel
+  async def producer(channel, stop)   a producer: given the channel and the stop token
+
+\b
+Exit status:
+  0        stopped by SIGTERM/SIGINT or a stop token, or the producer finished
+  1        a worker failed (e.g. the server stayed unreachable); --check: unhealthy
+  2        usage error
+  3        stopped, but the grace period ran out: running handlers were cancelled
+           (their messages stay pending and are delivered again)
+  128+N    a second signal N forced a fast exit (130: Ctrl-C twice, 143: SIGTERM twice)
+
+\b
+Examples:
+  broker worker workers.examples:orders --channel orders
+  broker worker workers.examples:process_order --channel orders --group billing -p 2 -c 8
+  broker worker --check --name process-order      # for a container health check
+  broker stop workers/process-order               # stop it on every host""",
+)
+@click.argument("handler", required=False, metavar="MODULE:HANDLER")
+@click.option(
+    "--channel", "channels", multiple=True, metavar="NAME", help="A channel (repeat for more)."
+)
+@click.option("--group", "-g", help="Consumer group (consumers only; required for them).")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Handlers in flight per process.",
+)
+@click.option(
+    "--processes",
+    "-p",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Worker processes (slots) on this host; a crashed one is restarted with backoff.",
+)
 @click.option(
     "--group-concurrency",
     type=click.IntRange(1),
@@ -75,79 +81,201 @@ def _with_common(f: Callable[..., None]) -> Callable[..., None]:
     help="At most this many handlers across every process and host of the group.",
 )
 @click.option(
-    "--start", default="new", show_default=True, help="Where a new group starts: new, all or an id."
+    "--max-deliveries",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    help="Deliveries after which a failing message goes to the dead letters.",
 )
-@_with_common
+@click.option(
+    "--claim-idle",
+    type=click.FloatRange(0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds after which another consumer's pending message is taken over.",
+)
+@click.option(
+    "--start",
+    default="new",
+    show_default=True,
+    help="Where a new group starts: new, all or an entry id.",
+)
+@click.option(
+    "--stop-token",
+    "stop_tokens",
+    multiple=True,
+    metavar="NAME",
+    help="Also stop on this remote stop token (besides `workers` and `workers/NAME`).",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="Seconds running handlers get after a stop before they are cancelled.",
+)
+@click.option(
+    "--name",
+    help="Worker name (default: the handler's function name, _ as -): in consumer names "
+    "<name>-<host>-<slot>, heartbeats and `broker stop workers/NAME`.",
+)
+@click.option(
+    "--host",
+    envvar="BROKER_HOST",
+    help="This host's name in consumer names and heartbeats [env BROKER_HOST; default: the "
+    "hostname].",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(0, min_open=True),
+    default=2.0,
+    show_default=True,
+    help="Seconds between heartbeats (a heartbeat expires after three).",
+)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one object per line (ts, level, event, fields).",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Do not run: exit 0 if this host's worker(s) (--name, or all) report healthy, "
+    "else 1 with the reason.",
+)
 @click.pass_context
-def consume(
+def worker(
     ctx: click.Context,
+    handler: str | None,
     channels: tuple[str, ...],
-    group: str,
-    handler: str,
+    group: str | None,
     concurrency: int,
-    group_concurrency: int | None,
-    start: str,
-    name: str | None,
     processes: int,
+    group_concurrency: int | None,
+    max_deliveries: int,
+    claim_idle: float,
+    start: str,
+    stop_tokens: tuple[str, ...],
     grace: float,
+    name: str | None,
+    host: str | None,
+    heartbeat: float,
+    log_level: str,
+    log_format: str,
+    check: bool,
 ) -> None:
-    """Consume CHANNELS as members of GROUP with HANDLER.
+    """Run MODULE:HANDLER as a consumer or producer worker in P processes on this host.
 
-    \b
-    broker worker consume orders -g billing --handler workers.examples:print_message -p 2 -c 8
+    It runs until SIGTERM/SIGINT, a remote stop token (`broker stop workers`: every worker;
+    `broker stop workers/NAME`: this one on every host; --stop-token), or, for a producer,
+    until it finishes. A stop is graceful: no new messages are taken, fetched ones are released
+    to other consumers, running handlers get --grace seconds to finish (and are acked), then
+    they are cancelled (left pending). A second signal forces a fast exit.
+
+    Each process is a slot with a stable consumer name (<name>-<host>-<slot>): a slot that
+    crashes is restarted with backoff and replays its own pending messages. Every slot writes
+    a heartbeat (see `broker workers`); logs go to stderr, one line per lifecycle event or
+    failure.
     """
-    _supervise(
-        ctx,
-        dict(
-            name=name or handler.rpartition(":")[2].replace("_", "-"),
-            kind="consume",
+    config: Config = ctx.obj
+    if check:
+        _check(config, name or (_default_name(handler) if handler else None), host)
+        return
+    if handler is None:
+        raise click.UsageError("missing MODULE:HANDLER (or --check)", ctx=ctx)
+    from broker import ConfigurationError
+    from workers import Supervisor, WorkerSpec, inspect_target
+
+    try:
+        target = inspect_target(handler)
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc), ctx=ctx) from exc
+    if not channels:
+        raise click.UsageError("give at least one --channel", ctx=ctx)
+    if target.kind == "consume":
+        if group is None:
+            raise click.UsageError(
+                f"{handler} is a consumer (async def handler(msg)): it needs --group", ctx=ctx
+            )
+    else:
+        what = "an async generator" if target.style == "generate" else "given (channel, stop)"
+        for option in _CONSUMER_ONLY:
+            if ctx.get_parameter_source(option) in (
+                ParameterSource.COMMANDLINE,
+                ParameterSource.ENVIRONMENT,
+            ):
+                flag = "--" + option.replace("_", "-")
+                raise click.UsageError(
+                    f"{flag} is for consumers; {handler} is a producer ({what})", ctx=ctx
+                )
+        if len(channels) != 1:
+            raise click.UsageError(
+                f"{handler} is a producer ({what}): it publishes into exactly one --channel, "
+                f"got {len(channels)}",
+                ctx=ctx,
+            )
+    try:
+        spec = WorkerSpec(
+            name=name or _default_name(handler),
+            kind=target.kind,
             target=handler,
             channels=channels,
-            group=group,
+            group=group if target.kind == "consume" else None,
             concurrency=concurrency,
             group_concurrency=group_concurrency,
+            max_deliveries=max_deliveries,
+            claim_idle=claim_idle,
             grace=grace,
+            url=config.url,
+            namespace=config.namespace,
             start=start,
-        ),
-        processes,
+            heartbeat=heartbeat,
+            processes=processes,
+            stop_tokens=stop_tokens,
+            host=host,
+            log_level=log_level,
+            log_format=log_format,
+        )
+        config.connect()  # a bad URL or namespace: one line now, not one per child
+    except ConfigurationError as exc:
+        raise UserError(str(exc), exit_code=2) from exc
+    from workers import configure_logging
+
+    configure_logging(
+        log_level,
+        log_format,
+        worker=f"{spec.name}/{spec.hostname}",
+        role="supervisor",
+        pid=os.getpid(),
     )
+    ctx.exit(Supervisor(spec).run())
 
 
-@worker.command("produce")
-@click.argument("channel")
-@click.option(
-    "--producer",
-    required=True,
-    help="async def producer(channel, stop_token), as package.module:function.",
-)
-@_with_common
-@click.pass_context
-def produce(
-    ctx: click.Context, channel: str, producer: str, name: str | None, processes: int, grace: float
-) -> None:
-    """Run PRODUCER publishing to CHANNEL until stopped.
+def _default_name(handler: str) -> str:
+    return handler.rpartition(":")[2].rpartition(".")[2].replace("_", "-") or "worker"
 
-    \b
-    broker worker produce orders --producer workers.examples:tick
-    """
-    _supervise(
-        ctx,
-        dict(
-            name=name or producer.rpartition(":")[2].replace("_", "-"),
-            kind="produce",
-            target=producer,
-            channels=(channel,),
-            grace=grace,
-        ),
-        processes,
-    )
+
+def _check(config: Config, name: str | None, host: str | None) -> None:
+    from workers import check_health, this_host
+
+    async def probe() -> tuple[bool, str]:
+        async with config.connect() as b:
+            return await check_health(b, this_host(host), name)
+
+    healthy, line = run(probe())
+    if not healthy:
+        raise UserError(f"unhealthy: {line}")
+    click.echo(line)
 
 
 @click.command("workers")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per worker.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per worker slot.")
 @click.pass_obj
 def workers_cmd(config: Config, as_json: bool) -> None:
-    """List the workers of the namespace on every host (from their heartbeats)."""
+    """List the live workers of the namespace on every host (from their heartbeats)."""
 
     async def fetch() -> list[WorkerStatus]:
         async with config.connect() as b:
@@ -156,16 +284,30 @@ def workers_cmd(config: Config, as_json: bool) -> None:
     rows = run(fetch())
     if as_json:
         for s in rows:
-            data = {**dataclasses.asdict(s), "alive": s.alive}
-            click.echo(json.dumps(data))
+            click.echo(json.dumps(_record(s)))
         return
     if not rows:
-        click.echo("no workers have reported in this namespace", err=True)
+        click.echo("no live workers in this namespace", err=True)
         return
-    head = ("WORKER", "KIND", "STATE", "ALIVE", "PID", "DONE", "FAILED")
-    click.echo("{:40} {:8} {:9} {:5} {:>7} {:>8} {:>6} SEEN".format(*head))
-    for s in rows:
-        click.echo(
-            f"{s.id:40} {s.kind:8} {s.state:9} {'yes' if s.alive else 'NO':5} {s.pid:>7} "
-            f"{s.processed:>8} {s.failed:>6} {s.age:.1f}s ago"
+    now = time.time()
+    head = ("WORKER", "KIND", "STATE", "PID", "CHANNELS", "IN FLIGHT", "DONE", "FAILED", "UP")
+    body = [
+        (
+            s.id,
+            s.kind,
+            s.state,
+            str(s.pid),
+            ",".join(s.channels) + (f" ({s.group})" if s.group else ""),
+            str(s.in_flight),
+            str(s.processed),
+            str(s.failed),
+            duration(max(0.0, now - s.started)),
         )
+        for s in rows
+    ]
+    for line in table(head, body):
+        click.echo(line)
+
+
+def _record(s: WorkerStatus) -> dict[str, Any]:
+    return {**dataclasses.asdict(s), "alive": s.alive}

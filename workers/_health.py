@@ -1,75 +1,175 @@
-"""Worker heartbeats: one hash per namespace, one field per running worker slot."""
+"""Worker heartbeats: one key per running worker slot, expiring after three intervals.
+
+- ``<namespace>:workers:<name>/<host>/<slot>``: msgpack of the slot's status, ``PX`` 3 intervals,
+  so a slot that dies (even ``kill -9``) disappears on its own.
+- ``<namespace>:workers:live``: a sorted set of those ids (score: last write, server ms), so
+  listing needs no ``SCAN``; ids whose key expired are dropped from it by the next listing.
+
+Times are the server's clock, so hosts with skewed clocks agree on what is alive.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import os
-import socket
+import logging
 from typing import Any
 
 import msgpack
 
-from broker import Broker
+from broker import Broker, BrokerError
 
-__all__ = ["WorkerStatus", "heartbeat_key", "list_workers", "remove_heartbeat", "write_heartbeat"]
+__all__ = [
+    "WorkerStatus",
+    "check_health",
+    "forget",
+    "list_workers",
+    "remove_heartbeat",
+    "write_heartbeat",
+]
+
+log = logging.getLogger("workers.health")
 
 
-def heartbeat_key(namespace: str) -> str:
-    return f"{namespace}:workers"
+def index_key(namespace: str) -> str:
+    return f"{namespace}:workers:live"
+
+
+def status_key(namespace: str, wid: str) -> str:
+    return f"{namespace}:workers:{wid}"
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkerStatus:
+    """One worker slot, as its last heartbeat described it."""
+
     id: str
     name: str
     kind: str
     host: str
     pid: int
     slot: int
+    processes: int
+    consumer: str | None
+    channels: list[str]
+    group: str | None
     state: str
     started: float
     seen: float
     processed: int
     failed: int
+    in_flight: int
     interval: float
-    #: seconds since the last heartbeat, by the server's clock (hosts' clocks may differ)
+    handler: str
+    #: seconds since the last heartbeat, by the server's clock
     age: float = 0.0
 
     @property
     def alive(self) -> bool:
-        """Seen within three heartbeat intervals."""
+        """Seen within three heartbeat intervals (the key's expiry)."""
         return self.age < 3 * self.interval
 
 
-def worker_id(name: str, slot: int) -> str:
-    return f"{name}/{socket.gethostname()}/{slot}"
+def ttl_ms(interval: float) -> int:
+    return max(1, int(3 * interval * 1000))
 
 
 async def write_heartbeat(b: Broker, wid: str, info: dict[str, Any]) -> None:
-    seen = b.server_time_ms() / 1000  # one clock for every host: the server's
-    info = {**info, "seen": seen, "host": socket.gethostname(), "pid": os.getpid()}
-    await b.call(lambda: b.redis.hset(heartbeat_key(b.namespace), wid, msgpack.packb(info)))
+    """Write (or refresh) slot ``wid``'s status; it expires after three ``info["interval"]``."""
+    seen_ms = b.server_time_ms()
+    payload = msgpack.packb({**info, "id": wid, "seen": seen_ms / 1000})
+    key, index = status_key(b.namespace, wid), index_key(b.namespace)
+
+    async def write() -> None:
+        pipe = b.redis.pipeline(transaction=False)
+        pipe.set(key, payload, px=ttl_ms(info["interval"]))
+        pipe.zadd(index, {wid: seen_ms})  # after the key: a listing never finds an id first
+        await pipe.execute()
+
+    await b.call(write)
 
 
 async def remove_heartbeat(b: Broker, wid: str) -> None:
-    await b.call(lambda: b.redis.hdel(heartbeat_key(b.namespace), wid))
+    async def remove() -> None:
+        pipe = b.redis.pipeline(transaction=False)
+        pipe.delete(status_key(b.namespace, wid))
+        pipe.zrem(index_key(b.namespace), wid)
+        await pipe.execute()
+
+    await b.call(remove)
 
 
-async def list_workers(b: Broker, *, prune_after: float = 3600.0) -> list[WorkerStatus]:
-    """Every worker that reported; entries silent for ``prune_after`` seconds are removed."""
-    rows = await b.call(lambda: b.redis.hgetall(heartbeat_key(b.namespace)))
-    out = []
+async def list_workers(b: Broker) -> list[WorkerStatus]:
+    """Every worker slot with a heartbeat that has not expired, on every host, by id."""
+    index = index_key(b.namespace)
+    ids = [i.decode() for i in await b.call(lambda: b.redis.zrange(index, 0, -1))]
+    if not ids:
+        return []
+
+    async def fetch() -> list[Any]:
+        pipe = b.redis.pipeline(transaction=False)
+        for wid in ids:
+            pipe.get(status_key(b.namespace, wid))
+        return list(await pipe.execute())
+
     now = b.server_time_ms() / 1000
-    names = [f.name for f in dataclasses.fields(WorkerStatus) if f.name not in ("id", "age")]
-    for raw_id, raw in rows.items():
-        wid = raw_id.decode(errors="replace")
+    names = {f.name for f in dataclasses.fields(WorkerStatus)} - {"age"}
+    out, gone = [], []
+    for wid, raw in zip(ids, await b.call(fetch), strict=True):
+        if raw is None:
+            gone.append(wid)
+            continue
         try:
             info = msgpack.unpackb(raw)
-            status = WorkerStatus(id=wid, age=now - info["seen"], **{n: info[n] for n in names})
-        except Exception:  # a foreign or old field: not ours to interpret
-            continue
-        if status.age > prune_after:
-            await remove_heartbeat(b, wid)
+            status = WorkerStatus(age=max(0.0, now - info["seen"]), **{n: info[n] for n in names})
+        except Exception:  # written by another version: not ours to interpret
             continue
         out.append(status)
-    return sorted(out, key=lambda s: s.id)
+    if gone:
+        # expired keys; a slot that comes back re-adds itself with its next heartbeat
+        await b.call(lambda: b.redis.zrem(index, *gone))
+    return out
+
+
+async def check_health(b: Broker, host: str, name: str | None = None) -> tuple[bool, str]:
+    """Whether every slot of this host's worker(s) (named ``name``, or all) reports running.
+
+    Returns ``(healthy, one line saying why)``.
+    """
+    mine = [w for w in await list_workers(b) if w.host == host and name in (None, w.name)]
+    which = f"worker {name!r}" if name else "worker"
+    if not mine:
+        return False, (
+            f"no {which} has a heartbeat from host {host!r} in namespace {b.namespace!r} "
+            "(not running, or another --url/--namespace/--host)"
+        )
+    for w in mine:
+        if not w.alive:
+            return False, f"{w.id} last reported {w.age:.1f}s ago (pid {w.pid})"
+        if w.state != "running":
+            return False, f"{w.id} is {w.state} (pid {w.pid})"
+    for wname in sorted({w.name for w in mine}):
+        slots = {w.slot for w in mine if w.name == wname}
+        expected = max(w.processes for w in mine if w.name == wname)
+        missing = sorted(set(range(expected)) - slots)
+        if missing:
+            listed = ", ".join(map(str, missing))
+            return False, (
+                f"worker {wname!r} on {host!r}: slot {listed} of {expected} has no heartbeat "
+                "(restarting?)"
+            )
+    done = sum(w.processed for w in mine)
+    failed = sum(w.failed for w in mine)
+    return True, (
+        f"healthy: {len(mine)} slot(s) of {', '.join(sorted({w.name for w in mine}))} on "
+        f"{host!r} running; processed {done}, failed {failed}"
+    )
+
+
+async def forget(b: Broker, wid: str) -> None:
+    """Remove a heartbeat, briefly: with the server gone it expires on its own."""
+    try:
+        async with asyncio.timeout(1.0):
+            await remove_heartbeat(b, wid)
+    except (TimeoutError, BrokerError) as exc:
+        log.warning("heartbeat not removed (%s); it expires on its own", exc)

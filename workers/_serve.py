@@ -1,32 +1,166 @@
 """Run one worker slot: the loop is shaped like trio's ``serve_listeners``.
 
-It signals ready only after setup (connected, stop tokens subscribed, heartbeat written), never
-returns unless stopped, and shuts down in two steps: stop taking messages, give running handlers
+It signals ready only after setup (connected, stop tokens subscribed, subscription entered,
+heartbeat written), never returns unless stopped or finished, and shuts down in two steps: stop
+taking work (buffered messages are released to other consumers at once), give running handlers
 ``grace`` seconds, then cancel them (their messages stay pending and are delivered again).
 
-Stops come from SIGTERM/SIGINT (when ``install_signals``), the remote stop ``workers`` (every
-worker of the namespace) or ``workers/<name>`` (this worker on every host), or ``stop``.
+Stops come from SIGTERM/SIGINT (with ``install_signals``; a second one cancels at once), the
+remote stop tokens ``workers`` (every worker of the namespace), ``workers/<name>`` (this worker
+on every host) and ``spec.stop_tokens``, or the ``stop`` argument.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import enum
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 import broker
-from broker import StopSource, StopToken
+from broker import BrokerError, ConfigurationError, StopSource, StopToken
 from broker._resource import cancel_and_wait
 
-from ._health import remove_heartbeat, worker_id, write_heartbeat
-from ._spec import WorkerSpec, load_target
+from ._health import forget, write_heartbeat
+from ._logging import event
+from ._run import Runner, make_runner
+from ._spec import WorkerSpec
+from ._target import Target, inspect_target
 
-__all__ = ["serve"]
+__all__ = ["ExitCode", "Outcome", "serve"]
 
 log = logging.getLogger("workers")
+#: seconds a forced stop (second signal) gets for its cleanup before the process exits anyway
+FORCE_DEADLINE = 3.0
+#: seconds the work gets to close (send acks, release) after its handlers were cancelled
+CLOSE_DEADLINE = 10.0
+
+
+class ExitCode(enum.IntEnum):
+    """How a worker process (a slot, or the supervisor) ended."""
+
+    #: stopped by a signal or a stop token (or the producer finished); nothing was cancelled
+    OK = 0
+    #: the worker failed: its error could not be recovered (the supervisor restarts such slots)
+    FAILED = 1
+    #: bad arguments or configuration
+    USAGE = 2
+    #: stopped, but the grace period ran out: running handlers were cancelled (left pending)
+    GRACE_EXPIRED = 3
+    #: 128 + N: a second signal N forced a fast exit (130: Ctrl-C twice, 143: SIGTERM twice)
+    FORCED = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How :func:`serve` ended (when it did not raise)."""
+
+    reason: str
+    #: a remote stop token ended it
+    remote: bool
+    processed: int
+    failed: int
+    cancelled: int
+    grace_expired: bool
+    #: the signal that forced a fast exit, if any
+    forced: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.forced is not None:
+            return ExitCode.FORCED + self.forced
+        return ExitCode.GRACE_EXPIRED if self.grace_expired else ExitCode.OK
+
+
+class _Slot:
+    """The state of one running slot, shared by the heartbeat, the signals and the loop."""
+
+    def __init__(self, spec: WorkerSpec, slot: int) -> None:
+        self.spec, self.slot = spec, slot
+        self.wid = spec.worker_id(slot)
+        self.state = "starting"
+        self.started = time.time()
+        self.stop = StopSource()
+        self.remote = False
+        self.forced: int | None = None
+        self.force = asyncio.Event()
+        self.runner: Runner | None = None
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        if not self.stop.stopped:
+            self.stop.stop(f"signal {sig.name}")
+            return
+        if self.forced is None:
+            self.forced = sig.value
+            event(log, logging.WARNING, "forced", signal=sig.name, exit_within=FORCE_DEADLINE)
+            self.force.set()
+            # the cleanup is bounded, but a handler that ignores cancellation is not
+            asyncio.get_running_loop().call_later(
+                FORCE_DEADLINE, os._exit, ExitCode.FORCED + sig.value
+            )
+
+    def on_remote(self, token: StopToken) -> None:
+        if not self.stop.stopped:
+            self.remote = True
+            name = getattr(token, "name", "?")
+            why = f": {token.reason}" if token.reason else ""
+            self.stop.stop(f"stop token {name!r}{why}")
+
+    def status(self) -> dict[str, Any]:
+        spec, r = self.spec, self.runner
+        return {
+            "name": spec.name,
+            "kind": spec.kind,
+            "host": spec.hostname,
+            "pid": os.getpid(),
+            "slot": self.slot,
+            "processes": spec.processes,
+            "consumer": spec.consumer_name(self.slot) if spec.kind == "consume" else None,
+            "channels": list(spec.channels),
+            "group": spec.group,
+            "state": self.state,
+            "started": self.started,
+            "processed": r.processed if r else 0,
+            "failed": r.failed if r else 0,
+            "in_flight": r.in_flight() if r else 0,
+            "interval": spec.heartbeat,
+            "handler": spec.target,
+        }
+
+
+class _Heartbeat:
+    def __init__(self, b: broker.Broker, slot: _Slot) -> None:
+        self.b, self.slot = b, slot
+        self.failing = False
+        self.wake = asyncio.Event()
+
+    async def write(self) -> None:
+        try:
+            await write_heartbeat(self.b, self.slot.wid, self.slot.status())
+        except BrokerError as exc:
+            if not self.failing:
+                self.failing = True
+                event(log, logging.WARNING, "heartbeat_failed", error=str(exc))
+            return
+        if self.failing:
+            self.failing = False
+            event(log, logging.INFO, "heartbeat_restored")
+
+    async def run(self) -> None:
+        while True:
+            await self.write()
+            self.wake.clear()
+            try:
+                async with asyncio.timeout(self.slot.spec.heartbeat):
+                    await self.wake.wait()
+            except TimeoutError:
+                pass
 
 
 async def serve(
@@ -36,106 +170,149 @@ async def serve(
     ready: Callable[[], None] | None = None,
     stop: StopToken | None = None,
     install_signals: bool = False,
-) -> None:
-    """Run ``spec`` as slot ``slot`` until stopped."""
-    target = load_target(spec.target)
-    local = StopSource()
-    if stop is not None:
-        stop.on_stop(lambda t: local.stop(t.reason))
+) -> Outcome:
+    """Run ``spec`` as slot ``slot`` until stopped (or, for a producer, finished).
+
+    ``ready()`` is called once the slot is set up. With ``install_signals`` (a process that
+    runs one slot), SIGTERM/SIGINT stop it and a second one forces a fast exit: running work is
+    cancelled at once and the process exits within :data:`FORCE_DEADLINE` seconds.
+
+    :raises ConfigurationError: if the handler cannot be loaded or does not match ``spec.kind``.
+    :raises BrokerError: (or the handler's error, for a producer) if the worker failed.
+    """
+    s = _Slot(spec, slot)
+    remove_parent = stop.on_stop(lambda t: s.stop.stop(t.reason or "stopped")) if stop else None
     loop = asyncio.get_running_loop()
-    if install_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, local.stop, f"signal {sig.name}")
-    counters = {"processed": 0, "failed": 0}
-    wid = worker_id(spec.name, slot)
+    sigs = (signal.SIGTERM, signal.SIGINT) if install_signals else ()
+    for sig in sigs:
+        loop.add_signal_handler(sig, s.on_signal, sig)
+    event(
+        log,
+        logging.INFO,
+        "starting",
+        kind=spec.kind,
+        handler=spec.target,
+        channels=list(spec.channels),
+        group=spec.group,
+        concurrency=spec.concurrency,
+    )
     try:
-        async with broker.connect(spec.url, namespace=spec.namespace) as b:
-            async with (
-                b.stop_token("workers", parent=local.token) as fleet,
-                b.stop_token(f"workers/{spec.name}", parent=fleet) as token,
-            ):
-                info: dict[str, Any] = {
-                    "name": spec.name,
-                    "kind": spec.kind,
-                    "slot": slot,
-                    "started": time.time(),
-                    "interval": spec.heartbeat,
-                    "state": "running",
-                }
-
-                async def beat() -> None:
-                    while True:
-                        await write_heartbeat(b, wid, {**info, **counters})
-                        await asyncio.sleep(spec.heartbeat)
-
-                await write_heartbeat(b, wid, {**info, **counters})
-                # owned by this block: each is stopped with cancel_and_wait in the finally (a
-                # single cancel can be lost inside redis-py on 3.11, and a heartbeat that
-                # outlived its worker would report a dead worker as alive)
-                heart = asyncio.create_task(beat(), name=f"{wid} heartbeat")
-                work = asyncio.create_task(
-                    _work(b, spec, slot, target, token, counters), name=f"{wid} work"
-                )
-                stopper = asyncio.create_task(token.wait(), name=f"{wid} stop")
-                try:
-                    if ready is not None:
-                        ready()
-                    await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    if not work.done():
-                        info["state"] = "stopping"
-                        log.info("%s: stopping (%s); grace %ss", wid, token.reason, spec.grace)
-                        done, _ = await asyncio.wait({work}, timeout=spec.grace)
-                        if not done:
-                            log.warning("%s: grace period over; cancelling handlers", wid)
-                finally:
-                    for task in (work, stopper, heart):
-                        await cancel_and_wait(task)
-                    await _forget(b, wid)
-                if not work.cancelled() and work.exception() is not None:
-                    raise work.exception()  # type: ignore[misc]
+        target = inspect_target(spec.target)
+        if target.kind != spec.kind:
+            raise ConfigurationError(
+                f"{spec.target} is a {target.kind}r by its signature, "
+                f"but the worker was given as a {spec.kind}r"
+            )
+        return await _serve(spec, slot, s, target, ready)
+    except Exception as exc:
+        event(log, logging.ERROR, "failed", error=type(exc).__name__, detail=str(exc)[:500])
+        raise
     finally:
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+        if remove_parent is not None:
+            remove_parent()
 
 
-async def _work(
-    b: broker.Broker,
+async def _serve(
     spec: WorkerSpec,
     slot: int,
-    target: Callable[..., Any],
-    token: StopToken,
-    counters: dict[str, int],
-) -> None:
-    if spec.kind == "produce":
-        await target(b.channel(spec.channels[0]), token)
-        return
+    s: _Slot,
+    target: Target,
+    ready: Callable[[], None] | None,
+) -> Outcome:
+    failure: list[Exception] = []
+    grace_expired = False
+    finished = "producer finished" if spec.kind == "produce" else "subscription ended"
+    async with (
+        broker.connect(spec.url, namespace=spec.namespace) as b,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        stack.push_async_callback(forget, b, s.wid)  # last: after the work and the tokens
+        for name in ("workers", f"workers/{spec.name}", *spec.stop_tokens):
+            token = await stack.enter_async_context(b.stop_token(name))
+            token.on_stop(s.on_remote)
+        runner = s.runner = make_runner(b, spec, slot, target)
+        heart = _Heartbeat(b, s)
 
-    async def counted(msg: broker.Message[Any]) -> None:
-        try:
-            await target(msg)
-        except Exception:
-            counters["failed"] += 1
-            raise
-        counters["processed"] += 1
+        async def on_ready() -> None:
+            s.state = "running"
+            await heart.write()
+            event(
+                log,
+                logging.INFO,
+                "ready",
+                consumer=spec.consumer_name(slot) if spec.kind == "consume" else None,
+                heartbeat=f"{spec.heartbeat}s",
+            )
+            if ready is not None:
+                ready()
 
-    assert spec.group is not None
-    await b.consume(
-        list(spec.channels),
-        counted,
-        group=spec.group,
-        consumer=spec.consumer_name(slot),
-        concurrency=spec.concurrency,
-        group_concurrency=spec.group_concurrency,
-        stop=token,
-        start=spec.start,
+        hurry = asyncio.Event()
+
+        async def work() -> None:
+            try:
+                await runner.run(on_ready, s.stop.token, hurry)
+            except Exception as exc:  # reported (and raised) below, after the cleanup
+                failure.append(exc)
+
+        async with asyncio.TaskGroup() as tg:
+            beat = tg.create_task(heart.run(), name=f"{s.wid} heartbeat")
+            job = tg.create_task(work(), name=f"{s.wid} work")
+            stopped = tg.create_task(s.stop.token.wait(), name=f"{s.wid} stop")
+            forced = tg.create_task(s.force.wait(), name=f"{s.wid} force")
+            try:
+                await asyncio.wait({job, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not job.done():
+                    s.state = "stopping"
+                    heart.wake.set()
+                    event(
+                        log,
+                        logging.INFO,
+                        "stopping",
+                        reason=s.stop.token.reason,
+                        in_flight=runner.in_flight(),
+                        grace=spec.grace,
+                    )
+                    await asyncio.wait(
+                        {job, forced}, timeout=spec.grace, return_when=asyncio.FIRST_COMPLETED
+                    )
+                if not job.done():
+                    grace_expired = s.forced is None
+                    if grace_expired:
+                        event(
+                            log,
+                            logging.WARNING,
+                            "grace_expired",
+                            grace=spec.grace,
+                            cancelling=runner.in_flight(),
+                        )
+                    hurry.set()
+                    await asyncio.wait({job}, timeout=CLOSE_DEADLINE)
+            finally:
+                for task in (job, stopped, forced, beat):
+                    await cancel_and_wait(task)
+    reason = s.stop.token.reason if s.stop.stopped else finished
+    outcome = Outcome(
+        reason=reason or "stopped",
+        remote=s.remote,
+        processed=runner.processed,
+        failed=runner.failed,
+        cancelled=runner.cancelled,
+        grace_expired=grace_expired,
+        forced=s.forced,
     )
-
-
-async def _forget(b: broker.Broker, wid: str) -> None:
-    """Remove the heartbeat, briefly: with the server gone it goes stale on its own."""
-    try:
-        async with asyncio.timeout(1.0):
-            await remove_heartbeat(b, wid)
-    except (TimeoutError, broker.BrokerError) as exc:
-        log.warning("%s: heartbeat not removed (%s); it will be reported stale", wid, exc)
+    if failure:
+        raise failure[0]
+    event(
+        log,
+        logging.INFO,
+        "stopped",
+        reason=outcome.reason,
+        processed=outcome.processed,
+        failed=outcome.failed,
+        cancelled=outcome.cancelled,
+        exit=outcome.exit_code,
+        uptime=f"{time.time() - s.started:.1f}s",
+    )
+    return outcome

@@ -1,20 +1,35 @@
-"""Entry point of one supervised worker process: ``python -m workers.child SPEC_JSON SLOT``."""
+"""One supervised worker process: ``python -m workers.child NAME SLOT``, spec in the environment.
+
+The spec (JSON) is in ``$BROKER_WORKER_SPEC``; NAME is only there for ``ps``.
+
+Exits with the :class:`workers.ExitCode` of the slot (2 on a configuration error, 1 when the
+worker failed; both are logged by :func:`workers.serve`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import os
 import sys
 
-from ._serve import serve
-from ._spec import WorkerSpec
+from broker import ConfigurationError
+
+from ._logging import configure
+from ._serve import ExitCode, serve
+from ._spec import SPEC_ENV, WorkerSpec
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    spec = WorkerSpec.from_json(sys.argv[1])
-    asyncio.run(serve(spec, int(sys.argv[2]), install_signals=True))
-    return 0
+    spec = WorkerSpec.from_json(os.environ.pop(SPEC_ENV))  # not inherited by the handler's children
+    slot = int(sys.argv[2])
+    configure(spec.log_level, spec.log_format, worker=spec.worker_id(slot), pid=os.getpid())
+    try:
+        outcome = asyncio.run(serve(spec, slot, install_signals=True))
+    except ConfigurationError:
+        return ExitCode.USAGE
+    except Exception:
+        return ExitCode.FAILED
+    return outcome.exit_code
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -11,7 +12,17 @@ import redis.asyncio as aioredis
 import broker
 
 recorded: list[str] = []
+started: list[str] = []
+#: opened by tests to let `gated` handlers finish
+gate = asyncio.Event()
 _redis: aioredis.Redis | None = None
+
+
+def reset() -> None:
+    global gate
+    recorded.clear()
+    started.clear()
+    gate = asyncio.Event()
 
 
 async def record(msg: broker.Message[Any]) -> None:
@@ -23,10 +34,99 @@ async def hang(msg: broker.Message[Any]) -> None:
     await asyncio.sleep(3600)
 
 
-async def record_redis(msg: broker.Message[Any]) -> None:
-    """Slow-ish handler that records into ``$TEST_DONE_KEY`` on ``$TEST_REDIS_URL``."""
+async def hang_on_stuck(msg: broker.Message[Any]) -> None:
+    """Finishes at once, except on the payload "stuck", where it hangs."""
+    started.append(msg.id)
+    if msg.data == "stuck":
+        await asyncio.sleep(3600)
+    recorded.append(msg.id)
+
+
+async def gated(msg: broker.Message[Any]) -> None:
+    """Waits for the test to open ``gate``."""
+    started.append(msg.id)
+    await gate.wait()
+    recorded.append(msg.id)
+
+
+async def fail_odd(msg: broker.Message[Any]) -> None:
+    """Raises on odd payloads, records the even ones."""
+    if msg.data % 2:
+        raise ValueError(f"odd payload {msg.data}")
+    recorded.append(msg.id)
+
+
+def _client() -> aioredis.Redis:
     global _redis
     if _redis is None:
         _redis = aioredis.Redis.from_url(os.environ["TEST_REDIS_URL"])
+    return _redis
+
+
+async def record_redis(msg: broker.Message[Any]) -> None:
+    """Slow-ish: after 50 ms, pushes "<pid> <id> <deliveries>" to ``$TEST_DONE_KEY``."""
     await asyncio.sleep(0.05)
-    await _redis.rpush(os.environ["TEST_DONE_KEY"], msg.id)
+    await _client().rpush(os.environ["TEST_DONE_KEY"], f"{os.getpid()} {msg.id} {msg.deliveries}")
+
+
+async def crash_on_poison(msg: broker.Message[Any]) -> None:
+    """Kills its whole process on the payload "poison"; records the others in Redis."""
+    if msg.data == "poison":
+        os._exit(1)
+    await _client().rpush(os.environ["TEST_DONE_KEY"], msg.id)
+
+
+# -- producers and shapes for the kind detection ---------------------------------------------
+
+
+async def numbers() -> AsyncIterator[int]:
+    """Yields 0..9, then finishes."""
+    for n in range(10):
+        yield n
+
+
+async def forever() -> AsyncIterator[int]:
+    n = 0
+    while True:
+        yield n
+        n += 1
+        await asyncio.sleep(0.01)
+
+
+async def ticker(channel: broker.Channel[Any], stop: broker.StopToken) -> None:
+    n = 0
+    while not stop.stopped:
+        await channel.publish(n)
+        n += 1
+        try:
+            await asyncio.wait_for(stop.wait(), 0.01)
+        except TimeoutError:
+            pass
+
+
+async def generator_with_args(count: int) -> AsyncIterator[int]:
+    yield count
+
+
+def not_async(msg: broker.Message[Any]) -> None:
+    pass
+
+
+async def no_args() -> None:
+    pass
+
+
+async def three_args(a: Any, b: Any, c: Any) -> None:
+    pass
+
+
+async def with_default(msg: broker.Message[Any], retries: int = 3) -> None:
+    pass
+
+
+class Callable:
+    async def __call__(self, msg: broker.Message[Any]) -> None:
+        pass
+
+
+callable_object = Callable()

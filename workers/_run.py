@@ -1,0 +1,201 @@
+"""The work of one slot, by kind: consume messages, or publish what a producer makes.
+
+Each runner's :meth:`run` returns when the work ends by itself (a producer finished) or after
+the stop token fired and what was running finished; once ``hurry`` is set it cancels what is
+still running (a consumer's handlers: their messages stay pending, never acked) and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from typing import Any, Protocol, cast
+
+import broker
+from broker import StopToken
+from broker._resource import cancel_and_wait
+
+from ._logging import event
+from ._spec import WorkerSpec
+from ._target import Target
+
+__all__ = ["Runner", "make_runner"]
+
+log = logging.getLogger("workers")
+Ready = Callable[[], Awaitable[None]]
+
+
+class Runner(Protocol):
+    @property
+    def processed(self) -> int: ...
+
+    @property
+    def failed(self) -> int: ...
+
+    @property
+    def cancelled(self) -> int:
+        """Handlers (or the producer) cancelled when the grace period ran out."""
+
+    def in_flight(self) -> int: ...
+
+    async def run(self, ready: Ready, stop: StopToken, hurry: asyncio.Event) -> None: ...
+
+
+def make_runner(b: broker.Broker, spec: WorkerSpec, slot: int, target: Target) -> Runner:
+    if target.style == "consume":
+        return Consumer(b, spec, slot, target)
+    if target.style == "generate":
+        return Generator(b, spec, target)
+    return Producer(b, spec, target)
+
+
+async def until_hurried(coro: Coroutine[Any, Any, None], hurry: asyncio.Event) -> bool:
+    """Run ``coro`` to its end, or cancel it once ``hurry`` is set; True if it was cancelled.
+
+    Both tasks are owned here: cancelled and awaited in the ``finally``, whatever happens.
+    """
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(hurry.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hurried = not task.done()
+        await cancel_and_wait(waiter)
+        await cancel_and_wait(task)
+    if not hurried:
+        task.result()  # its error, as itself
+    return hurried
+
+
+class Consumer:
+    """``async def handler(msg)`` on every message, at most ``concurrency`` at a time."""
+
+    def __init__(self, b: broker.Broker, spec: WorkerSpec, slot: int, target: Target) -> None:
+        self.b, self.spec, self.slot, self.target = b, spec, slot, target
+        self.processed = self.failed = self.cancelled = 0
+        self._sub: broker.Subscription[Any] | None = None
+
+    def in_flight(self) -> int:
+        return 0 if self._sub is None else self._sub.statistics().in_flight
+
+    async def run(self, ready: Ready, stop: StopToken, hurry: asyncio.Event) -> None:
+        spec = self.spec
+        assert spec.group is not None
+        # the read-ahead that Broker.consume uses: a slow process does not hoard messages
+        prefetch = spec.concurrency + max(1, spec.concurrency // 4)
+        async with self.b.subscribe(
+            list(spec.channels),
+            group=spec.group,
+            consumer=spec.consumer_name(self.slot),
+            start=spec.start,
+            prefetch=prefetch,
+            max_deliveries=spec.max_deliveries,
+            claim_idle=spec.claim_idle,
+        ) as sub:
+            self._sub = sub
+            await ready()
+            # on stop, consume() stops taking messages, releases the fetched ones at once and
+            # returns when running handlers are done; leaving the `async with` sends their acks
+            await until_hurried(
+                sub.consume(
+                    self._handle,
+                    concurrency=spec.concurrency,
+                    group_concurrency=spec.group_concurrency,
+                    stop=stop,
+                ),
+                hurry,
+            )
+
+    async def _handle(self, msg: broker.Message[Any]) -> None:
+        try:
+            await self.target.fn(msg)
+        except asyncio.CancelledError:
+            self.cancelled += 1  # the grace period ran out: left pending, delivered again
+            raise
+        except Exception as exc:
+            self.failed += 1
+            last = msg.deliveries >= self.spec.max_deliveries
+            event(
+                log,
+                logging.WARNING,
+                "handler_failed",
+                channel=msg.channel,
+                id=msg.id,
+                delivery=msg.deliveries,
+                max_deliveries=self.spec.max_deliveries,
+                then="dead letter" if last else "retry",
+                error=type(exc).__name__,
+                detail=str(exc)[:300],
+            )
+            # nack here rather than re-raise, so the failure is logged once, with these
+            # fields; consume()'s ack after our return is then a no-op (already settled)
+            msg.nack(error=exc)
+            return
+        self.processed += 1
+
+
+class Generator:
+    """An async generator: each item it yields is published to the channel, in order."""
+
+    def __init__(self, b: broker.Broker, spec: WorkerSpec, target: Target) -> None:
+        self.b, self.spec, self.target = b, spec, target
+        self.processed = self.failed = self.cancelled = 0
+        self._publishing = 0
+
+    def in_flight(self) -> int:
+        return self._publishing
+
+    async def run(self, ready: Ready, stop: StopToken, hurry: asyncio.Event) -> None:
+        channel = self.b.channel(self.spec.channels[0])
+        await ready()
+
+        async def produce() -> None:
+            # a stop cancels the generator where it waits for its next item (and closes it);
+            # a publish already started is finished first
+            items = cast(AsyncGenerator[Any, None], stop.stop_stream(self.target.fn()))
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    self._publishing = 1
+                    await channel.publish(item)
+                    self._publishing = 0
+                    self.processed += 1
+
+        if await until_hurried(produce(), hurry):
+            self.cancelled = self._publishing
+
+
+class Producer:
+    """``async def producer(channel, stop_token)``: runs until it returns."""
+
+    def __init__(self, b: broker.Broker, spec: WorkerSpec, target: Target) -> None:
+        self.b, self.spec, self.target = b, spec, target
+        self.failed = self.cancelled = 0
+        self._base: int | None = None
+        self._final: int | None = None
+        self._running = 0
+
+    @property
+    def processed(self) -> int:
+        """Messages published with ``channel.publish`` (through this process's batcher)."""
+        if self._final is not None:
+            return self._final
+        if self._base is None:
+            return 0
+        return self.b.publisher.statistics().published - self._base
+
+    def in_flight(self) -> int:
+        return self._running
+
+    async def run(self, ready: Ready, stop: StopToken, hurry: asyncio.Event) -> None:
+        channel = self.b.channel(self.spec.channels[0])
+        self._base = self.b.publisher.statistics().published
+        await ready()
+        self._running = 1
+        try:
+            if await until_hurried(self.target.fn(channel, stop), hurry):
+                self.cancelled = 1
+        finally:
+            self._running = 0
+            self._final = self.processed
