@@ -59,8 +59,8 @@ def server(ctx: click.Context, port: int, bind: str) -> None:
 @click.command()
 @click.pass_obj
 def demo(config: Config) -> None:
-    """One producer and three consumers of one group, on --url/BROKER_URL or on a private
-    redis-server started for the demo."""
+    """The example workers passing 30 orders: `broker worker` with a producer and a consumer
+    of three processes, on --url/BROKER_URL or on a private redis-server started for it."""
     from workers.demo import main as run_demo
 
     code = run_demo(config.url)

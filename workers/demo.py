@@ -1,4 +1,9 @@
-"""The demo: one producer and three consumers of one group, on a real server.
+"""The demo: the example workers passing 30 orders, on a real server.
+
+Runs what a user would type, as processes: a consumer worker with three slots
+(``broker worker workers.examples:process_order --channel orders --group billing -p 3 -c 2``),
+then a producer (``broker worker workers.examples:orders --channel orders`` with
+``ORDERS_COUNT=30``), shows ``broker workers``, and stops the consumer with SIGTERM.
 
 ``broker demo`` (or ``python -m workers.demo``) uses ``$BROKER_URL`` when set, otherwise it starts
 a private ``redis-server`` for the duration of the demo and stops it afterwards.
@@ -9,21 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
+import signal
 import sys
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import broker
 from broker import EmbeddedServer
+from broker._server import die_with_parent
 
-COLORS = ["\033[36m", "\033[35m", "\033[33m"]
-RESET = "\033[0m"
+from ._health import WorkerStatus, list_workers
 
-
-def _paint(text: str, color: str) -> str:
-    return f"{color}{text}{RESET}" if sys.stdout.isatty() else text
+ORDERS = 30
+#: seconds the whole demo may take before it gives up
+BOUND = 60.0
 
 
 @contextlib.contextmanager
@@ -34,61 +38,127 @@ def server_url(url: str | None) -> Iterator[str]:
         yield url
         return
     with EmbeddedServer() as server:
-        print(f"started a private redis-server ({server.binary}) on {server.url}")
+        print(f"started a private redis-server ({server.binary}) on {server.url}", flush=True)
         yield server.url
-    print("stopped the private redis-server")
+    print("stopped the private redis-server", flush=True)
 
 
-async def run(url: str, messages: int = 30, consumers: int = 3) -> int:
-    """Publish ``messages`` orders and consume them with ``consumers`` group members."""
-    namespace = f"demo-{uuid.uuid4().hex[:6]}"
-    received: dict[str, str] = {}
-    async with broker.connect(url, namespace=namespace) as b:
-        orders = b.channel("orders")
-        done = asyncio.Event()
-        streams: list[broker.Subscription[Any]] = []
+class _Demo:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.namespace = f"demo-{uuid.uuid4().hex[:6]}"
+        self.processed: list[str] = []
 
-        async def consumer(n: int) -> None:
-            color = COLORS[n % len(COLORS)]
-            async with orders.subscribe(
-                group="billing", consumer=f"consumer-{n}", start="all", prefetch=2
-            ) as stream:
-                streams.append(stream)
-                async for msg in stream:
-                    await asyncio.sleep(random.uniform(0.05, 0.25))  # "work"
-                    if msg.id in received:
-                        print(f"  duplicate {msg.id}")
-                    received[msg.id] = f"consumer-{n}"
-                    msg.ack()
-                    print(
-                        _paint(
-                            f"  consumer-{n} <- order #{msg.data['order']} "
-                            f"({msg.data['item']}) id={msg.id}",
-                            color,
-                        )
-                    )
-                    if len(received) >= messages:
-                        done.set()
+    @contextlib.asynccontextmanager
+    async def broker(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> AsyncIterator[asyncio.subprocess.Process]:
+        """``broker ARGS`` as a child process (killed if the demo ends first)."""
+        shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+        print(f"$ {shown + ' ' if shown else ''}broker {' '.join(args)}", flush=True)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cli.main",
+            "--url",
+            self.url,
+            "--namespace",
+            self.namespace,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            preexec_fn=die_with_parent,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
-        async with asyncio.TaskGroup() as tg:
-            for n in range(consumers):
-                tg.create_task(consumer(n))
-            items = ["coffee", "tea", "cake", "bagel", "juice"]
-            for i in range(1, messages + 1):
-                mid = await orders.publish({"order": i, "item": random.choice(items)})
-                print(f"producer -> order #{i} id={mid}")
-                await asyncio.sleep(0.03)
-            async with asyncio.timeout(60):
-                await done.wait()
-            for stream in streams:
-                stream.stop()  # ends each consumer's loop between messages
-        info = await orders.info()
-    per = {c: list(received.values()).count(c) for c in sorted(set(received.values()))}
-    pending = sum(g.pending for g in info.groups)
-    print(
-        f"\n{len(received)}/{messages} orders delivered, split {per}; pending after acks: {pending}"
-    )
-    return 0 if len(received) == messages and pending == 0 else 1
+    async def echo(self, proc: asyncio.subprocess.Process, keep: bool) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            print(f"  {line}", flush=True)
+            if keep and line.startswith("processed order "):
+                self.processed.append(line.split()[2])
+
+    async def run(self) -> int:
+        async with (
+            broker.connect(self.url, namespace=self.namespace) as b,
+            self.broker(
+                "worker",
+                "workers.examples:process_order",
+                "--channel",
+                "orders",
+                "--group",
+                "billing",
+                "--start",
+                "all",
+                "-p",
+                "3",
+                "-c",
+                "2",
+                "--heartbeat",
+                "0.5",
+            ) as consumer,
+            asyncio.TaskGroup() as tg,
+        ):
+            tg.create_task(self.echo(consumer, keep=True))
+            await _until(lambda: _running(b, 3), consumer)
+            async with self.broker(
+                "worker",
+                "workers.examples:orders",
+                "--channel",
+                "orders",
+                env={"ORDERS_COUNT": str(ORDERS), "ORDERS_RATE": "30"},
+            ) as producer:
+                await self.echo(producer, keep=False)
+                produced = await producer.wait()
+            orders = b.channel("orders")
+            await _until(lambda: _drained(b, orders), consumer)
+            workers = await list_workers(b)
+            async with self.broker("workers") as table:
+                await self.echo(table, keep=False)
+                await table.wait()
+            print(f"$ kill -TERM {consumer.pid}", flush=True)
+            consumer.send_signal(signal.SIGTERM)
+            stopped = await asyncio.wait_for(consumer.wait(), 30)
+            info = await orders.info()
+        split = {f"slot {w.slot}": w.processed for w in sorted(workers, key=lambda w: w.slot)}
+        pending = sum(g.pending for g in info.groups)
+        delivered = len(set(self.processed))
+        print(
+            f"\n{delivered}/{ORDERS} orders delivered, split {split}; pending after acks: "
+            f"{pending}; exit status: producer {produced}, consumer {stopped}"
+        )
+        ok = delivered == ORDERS and pending == 0 and produced == stopped == 0
+        return 0 if ok else 1
+
+
+async def _until(check: Callable[[], Awaitable[bool]], watch: asyncio.subprocess.Process) -> None:
+    async with asyncio.timeout(BOUND):
+        while not await check():
+            if watch.returncode is not None:
+                raise RuntimeError(f"the consumer worker exited with status {watch.returncode}")
+            await asyncio.sleep(0.1)
+
+
+async def _running(b: broker.Broker, n: int) -> bool:
+    return sum(w.state == "running" for w in await list_workers(b)) == n
+
+
+async def _drained(b: broker.Broker, orders: broker.Channel[object]) -> bool:
+    info = await orders.info()
+    workers: list[WorkerStatus] = await list_workers(b)
+    settled = bool(info.groups) and info.groups[0].lag == 0 and info.groups[0].pending == 0
+    return settled and sum(w.processed for w in workers) >= ORDERS
+
+
+async def run(url: str) -> int:
+    return await _Demo(url).run()
 
 
 def main(url: str | None = None) -> int:
