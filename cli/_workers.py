@@ -40,7 +40,7 @@ Handler kinds (told from the signature):
 \b
 Exit status:
   0        stopped by SIGTERM/SIGINT or a stop token, or the producer finished
-  1        a worker failed (e.g. the server stayed unreachable); --check: unhealthy
+  1        a worker failed: a slot had crashed when the stop came; --check: unhealthy
   2        usage error
   3        stopped, but the grace period ran out: running handlers were cancelled
            (their messages stay pending and are delivered again)

@@ -83,6 +83,8 @@ class Supervisor:
         self.restarts: dict[int, int] = dict.fromkeys(range(self.processes), 0)
         #: exit status of each slot that is done (not to be restarted)
         self.finished: dict[int, int] = {}
+        #: status of each slot's last crash (while it waits for its restart)
+        self.crashed: dict[int, int] = {}
         self._next_start: dict[int, float] = dict.fromkeys(range(self.processes), 0.0)
         self._started: dict[int, float] = {}
         self._stop: int | None = None
@@ -161,6 +163,7 @@ class Supervisor:
             if proc is None:
                 if now >= self._next_start[slot]:
                     self._spawn(slot)
+                    self.crashed.pop(slot, None)
                 continue
             code = proc.poll()
             if code is None:
@@ -179,6 +182,7 @@ class Supervisor:
                     restart=False,
                 )
                 continue
+            self.crashed[slot] = code
             if now - self._started.get(slot, now) >= self.stable:
                 self.restarts[slot] = 0  # it had run long enough: start the backoff over
             self.restarts[slot] += 1
@@ -198,9 +202,11 @@ class Supervisor:
 
     def _shutdown(self, reason: str) -> int:
         """SIGTERM every child, wait for them (a second signal: hurry, then SIGKILL)."""
-        live = {s: p for s, p in self.children.items() if p.poll() is None}
-        event(log, logging.INFO, "stopping", reason=reason, children=len(live))
-        for proc in live.values():
+        # every child, also one that exited but was not reaped yet: its status counts too
+        live = dict(self.children)
+        running = [p for p in live.values() if p.poll() is None]
+        event(log, logging.INFO, "stopping", reason=reason, children=len(running))
+        for proc in running:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.spec.grace + CLOSE_DEADLINE + 5
         forwarded = False
@@ -235,6 +241,9 @@ class Supervisor:
                 restart=False,
             )
         self.children.clear()
+        for slot, code in self.crashed.items():
+            # stopped while waiting for its restart: the slot's last word was a crash
+            self.finished.setdefault(slot, code)
         if self._force is not None:
             return self._done("forced", ExitCode.FORCED + self._force)
         return self._done(reason)

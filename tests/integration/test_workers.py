@@ -504,3 +504,28 @@ async def test_remote_stop_ends_the_supervisor_instead_of_restarting(
     assert len(_events(err, "child_started")) == 2, "a clean exit is not restarted"
     [stopped] = _events(err, "stopped")
     assert stopped["reason"] == "every slot is done" and stopped["exit"] == 0
+
+
+async def test_a_stop_while_a_slot_waits_for_its_restart_exits_1(
+    client: broker.Broker, name: str, namespace: str, redis_url: str
+) -> None:
+    ch = client.channel(name)
+    spec = spec_for(redis_url, namespace, name, "crash_on_poison")
+    env = {"TEST_REDIS_URL": redis_url, "TEST_DONE_KEY": f"{namespace}:done"}
+    sup = _supervise(spec, "1", "30", env=env)
+    try:
+        await until(lambda: _workers(client, 1), "the slot running", bound=30)
+        [slot] = await list_workers(client)
+        await ch.publish("poison")
+        # reaped by the supervisor (gone from /proc, not a zombie): it waits to restart it
+        await until(lambda: not os.path.exists(f"/proc/{slot.pid}"), "the slot reaped")
+        code, err = await _end(sup)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    assert code == ExitCode.FAILED, err
+    [exited] = _events(err, "child_exited")
+    assert (exited["code"], exited["restart"], exited["restart_in"]) == (1, True, 30)
+    [stopped] = _events(err, "stopped")
+    assert stopped["exit"] == 1 and stopped["slots"] == {"0": 1}
