@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import click
@@ -289,7 +288,6 @@ def workers_cmd(config: Config, as_json: bool) -> None:
     if not rows:
         click.echo("no live workers in this namespace", err=True)
         return
-    now = time.time()
     head = ("WORKER", "KIND", "STATE", "PID", "CHANNELS", "IN FLIGHT", "DONE", "FAILED", "UP")
     body = [
         (
@@ -301,7 +299,7 @@ def workers_cmd(config: Config, as_json: bool) -> None:
             str(s.in_flight),
             str(s.processed),
             str(s.failed),
-            duration(max(0.0, now - s.started)),
+            duration(s.uptime),
         )
         for s in rows
     ]

@@ -63,6 +63,8 @@ class WorkerStatus:
     handler: str
     #: seconds since the last heartbeat, by the server's clock
     age: float = 0.0
+    #: seconds since the slot started, by the server's clock
+    uptime: float = 0.0
 
     @property
     def alive(self) -> bool:
@@ -113,7 +115,7 @@ async def list_workers(b: Broker) -> list[WorkerStatus]:
         return list(await pipe.execute())
 
     now = b.server_time_ms() / 1000
-    names = {f.name for f in dataclasses.fields(WorkerStatus)} - {"age"}
+    names = {f.name for f in dataclasses.fields(WorkerStatus)} - {"age", "uptime"}
     out, gone = [], []
     for wid, raw in zip(ids, await b.call(fetch), strict=True):
         if raw is None:
@@ -121,7 +123,11 @@ async def list_workers(b: Broker) -> list[WorkerStatus]:
             continue
         try:
             info = msgpack.unpackb(raw)
-            status = WorkerStatus(age=max(0.0, now - info["seen"]), **{n: info[n] for n in names})
+            status = WorkerStatus(
+                age=max(0.0, now - info["seen"]),
+                uptime=max(0.0, now - info["started"]),
+                **{n: info[n] for n in names},
+            )
         except Exception:  # written by another version: not ours to interpret
             continue
         out.append(status)

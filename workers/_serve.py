@@ -85,7 +85,8 @@ class _Slot:
         self.spec, self.slot = spec, slot
         self.wid = spec.worker_id(slot)
         self.state = "starting"
-        self.started = time.time()
+        self.started = time.time()  # the server's clock once connected
+        self.t0 = time.monotonic()
         self.stop = StopSource()
         self.remote = False
         self.forced: int | None = None
@@ -229,6 +230,7 @@ async def _serve(
         contextlib.AsyncExitStack() as stack,
     ):
         stack.push_async_callback(forget, b, s.wid)  # last: after the work and the tokens
+        s.started = b.server_time_ms() / 1000  # one clock for every host
         for name in ("workers", f"workers/{spec.name}", *spec.stop_tokens):
             token = await stack.enter_async_context(b.stop_token(name))
             token.on_stop(s.on_remote)
@@ -313,6 +315,6 @@ async def _serve(
         failed=outcome.failed,
         cancelled=outcome.cancelled,
         exit=outcome.exit_code,
-        uptime=f"{time.time() - s.started:.1f}s",
+        uptime=f"{time.monotonic() - s.t0:.1f}s",
     )
     return outcome

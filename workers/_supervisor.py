@@ -229,6 +229,8 @@ class Supervisor:
             time.sleep(0.02)
         for slot, proc in live.items():
             code = proc.wait()
+            if code == -signal.SIGTERM and proc in running:
+                code = ExitCode.OK  # our SIGTERM came before it had set up: nothing was running
             self.finished[slot] = code
             event(
                 log,

@@ -529,3 +529,25 @@ async def test_a_stop_while_a_slot_waits_for_its_restart_exits_1(
     assert (exited["code"], exited["restart"], exited["restart_in"]) == (1, True, 30)
     [stopped] = _events(err, "stopped")
     assert stopped["exit"] == 1 and stopped["slots"] == {"0": 1}
+
+
+async def test_a_sigterm_while_slots_are_still_starting_is_a_clean_stop(
+    client: broker.Broker, name: str, namespace: str, redis_url: str
+) -> None:
+    spec = spec_for(redis_url, namespace, name, "record")
+    sup = _supervise(spec, "2")
+    try:
+
+        def children() -> list[str]:
+            return Path(f"/proc/{sup.pid}/task/{sup.pid}/children").read_text().split()
+
+        # both children spawned, still importing: no signal handlers of their own yet
+        await until(lambda: len(children()) == 2, "2 children spawned")
+        code, err = await _end(sup)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    assert code == ExitCode.OK, err
+    [stopped] = _events(err, "stopped")
+    assert stopped["slots"] == {"0": 0, "1": 0}
