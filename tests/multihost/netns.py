@@ -15,9 +15,9 @@ interface names stay well under the kernel's 15 characters.
 
 Processes run in a host with ``ip netns exec`` plus ``unshare --uts`` and ``hostname hostN``, so
 each host also has its own host name (the worker runtime names consumers and heartbeats after
-it). Both exec the command: the PID we hold is the process itself. Each process leads its own
-process group, so a worker's supervisor and its children are SIGKILLed together, like a machine
-that dies (:meth:`HostProcess.kill`).
+it). Both exec the command: the PID we hold is the process itself. :meth:`HostProcess.kill`
+SIGKILLs a process with all its descendants (a worker's supervisor and its slots), like a
+machine that dies.
 
 Cutting a host (:meth:`Network.cut`) sets the *root-side* veth down: the bridge port is
 disabled and the host side loses carrier, so every packet either way is dropped silently. TCP
@@ -110,6 +110,19 @@ def broker_cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
+def _children(pid: int) -> list[int]:
+    """The PIDs whose parent is ``pid`` (from ``/proc``)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 @dataclass
 class HostProcess:
     """A process started in a host; stdout and stderr go to files (no pipe can fill up)."""
@@ -140,11 +153,26 @@ class HostProcess:
         )
 
     def kill(self) -> None:
-        """SIGKILL its process group (the process and any children, e.g. a worker's slots,
-        at once, as when a machine dies) and reap. The group is the one this process leads
-        (its PID); after the leader exits, children may still hold it."""
+        """SIGKILL the process and every descendant (a worker's supervisor and its slots,
+        which run in process groups of their own), as when a machine dies, and reap it.
+
+        The tree is frozen first (SIGSTOP, parents before children), so that nothing in it
+        reacts while it is killed: a supervisor restarting a slot, or a slot receiving its
+        parent-death SIGTERM and stopping gracefully.
+        """
+        frozen: list[int] = []
+        todo = [self.pid] if self.proc.poll() is None else []
+        while todo:
+            pid = todo.pop()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+                todo += _children(pid)
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, signal.SIGKILL)  # anything left in its own group
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
 
