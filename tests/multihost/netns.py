@@ -160,8 +160,10 @@ class HostProcess:
         reacts while it is killed: a supervisor restarting a slot, or a slot receiving its
         parent-death SIGTERM and stopping gracefully.
         """
+        if self.proc.poll() is not None:
+            return  # reaped: its PID may belong to someone else by now
         frozen: list[int] = []
-        todo = [self.pid] if self.proc.poll() is None else []
+        todo = [self.pid]
         while todo:
             pid = todo.pop()
             with contextlib.suppress(ProcessLookupError):
@@ -171,8 +173,9 @@ class HostProcess:
         for pid in frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # anything left in its own group; not reaped yet, so the group id is still ours
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # anything left in its own group
+            os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
 
