@@ -1,0 +1,300 @@
+"""The results as Markdown tables for people and one JSON line for machines, with the targets
+of issue 7 checked against ratios measured in the same run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from .harness import CONSUME, PUBLISH, Results
+from .latency import Latency
+
+__all__ = ["Target", "json_line", "table", "targets"]
+
+#: the reference each scenario's ratios are taken against: (raw, FastStream)
+REFERENCE: dict[str, tuple[str, str | None]] = {
+    "lib.publish": ("raw.publish", "fs.publish"),
+    "lib.publish_many": ("raw.publish", "fs.publish_pipelined"),
+    "fs.publish": ("raw.publish", None),
+    "fs.publish_pipelined": ("raw.publish", None),
+    "lib.iterate": ("raw.consume", "fs.consume"),
+    "lib.chunks": ("raw.consume", "fs.consume_batch"),
+    "lib.consume": ("raw.consume", "fs.consume"),
+    "fs.consume": ("raw.consume", None),
+    "fs.consume_batch": ("raw.consume", None),
+}
+
+
+def label(sid: str, res: Results) -> str:
+    o = res.options
+    return {
+        "raw.publish": "raw redis-py: pipelined XADD, batches of 1000",
+        "lib.publish": f"broker: `publish()` from {o.tasks} tasks",
+        "lib.publish_many": "broker: `publish_many(batch=1000)`",
+        "fs.publish": f"FastStream: `publish()` from {o.tasks} tasks ({o.tasks} connections)",
+        "fs.publish_pipelined": "FastStream: `publish(pipeline=)`, batches of 1000",
+        "raw.consume": "raw redis-py: XREADGROUP COUNT 1000 + one XACK per batch",
+        "lib.iterate": f"broker: `async for` + `msg.ack()` (prefetch {o.prefetch})",
+        "lib.chunks": f"broker: `chunks({o.chunk})` + `ack(batch)` (prefetch {o.chunk_prefetch})",
+        "lib.consume": f"broker: `consume(handler, concurrency={o.concurrency})`",
+        "fs.consume": "FastStream: per-message `StreamSub(group=)` handler",
+        "fs.consume_batch": "FastStream: `StreamSub(group=, batch=True)`, batches of 1000",
+    }[sid]
+
+
+def ratio(res: Results, sid: str, ref: str | None) -> float | None:
+    a, b = res.throughput.get(sid), res.throughput.get(ref) if ref else None
+    if a is None or b is None or not b.rate:
+        return None
+    return a.rate / b.rate
+
+
+def _x(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}x"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    path: str
+    target: str
+    measured: str
+    #: None: not measured in this run
+    met: bool | None
+
+    @property
+    def verdict(self) -> str:
+        return {True: "met", False: "**missed**", None: "not measured"}[self.met]
+
+
+def _ratio_target(res: Results, path: str, target: str, sid: str, ref: str, bound: float) -> Target:
+    r = ratio(res, sid, ref)
+    return Target(path, target, _x(r), None if r is None else r >= bound)
+
+
+def targets(res: Results) -> list[Target]:
+    """The targets table of issue 7, each checked on this run's medians."""
+    out = [
+        _ratio_target(
+            res,
+            "concurrent `publish()` from 1000 tasks",
+            "≥ 0.8 x raw pipelined XADD",
+            "lib.publish",
+            "raw.publish",
+            0.8,
+        ),
+        _ratio_target(res, "`publish_many`", "≥ 0.9 x raw", "lib.publish_many", "raw.publish", 0.9),
+        _ratio_target(
+            res,
+            "`async for msg` + `msg.ack()`",
+            "≥ 0.5 x raw batched consume",
+            "lib.iterate",
+            "raw.consume",
+            0.5,
+        ),
+        _ratio_target(
+            res, "chunked consumption + batch ack", "≥ 0.8 x raw", "lib.chunks", "raw.consume", 0.8
+        ),
+        _ratio_target(
+            res,
+            "`consume(handler, concurrency=32)`, trivial handler",
+            "≥ 0.3 x raw",
+            "lib.consume",
+            "raw.consume",
+            0.3,
+        ),
+        _ratio_target(
+            res,
+            "per-message consumption vs FastStream's per-message stream subscriber",
+            "≥ 10 x",
+            "lib.iterate",
+            "fs.consume",
+            10.0,
+        ),
+    ]
+    # publish vs FastStream's publisher: each of our publish paths against its fastest one
+    fs_best = max(
+        (res.throughput[s] for s in ("fs.publish", "fs.publish_pipelined") if s in res.throughput),
+        key=lambda s: s.rate,
+        default=None,
+    )
+    ours = [(s, res.throughput.get(s)) for s in ("lib.publish", "lib.publish_many")]
+    if fs_best is None or any(s is None for _, s in ours):
+        out.append(Target("publish vs FastStream's publisher", "≥ 2 x", "—", None))
+    else:
+        r1, r2 = (s.rate / fs_best.rate for _, s in ours if s is not None)
+        out.append(
+            Target(
+                "publish vs FastStream's publisher (its fastest way)",
+                "≥ 2 x",
+                f"`publish()` {_x(r1)}, `publish_many` {_x(r2)}",
+                min(r1, r2) >= 2.0,
+            )
+        )
+    for rate in res.options.rates:
+        raw, lib = res.latency.get("raw", {}).get(rate), res.latency.get("lib", {}).get(rate)
+        path = f"latency at {rate:,} msg/s"
+        if raw is None or lib is None:
+            out.append(Target(path, "p50 ≤ 1.3 x raw, p99 ≤ 1.5 x raw", "—", None))
+            continue
+        p50, p99 = lib.p50 / raw.p50, lib.p99 / raw.p99
+        out.append(
+            Target(
+                path,
+                "p50 ≤ 1.3 x raw, p99 ≤ 1.5 x raw",
+                f"p50 {_x(p50)}, p99 {_x(p99)}",
+                p50 <= 1.3 and p99 <= 1.5,
+            )
+        )
+    if not res.memory:
+        out.append(Target("consumer RSS with a large backlog", "bounded by prefetch", "—", None))
+    else:
+        payload_mb = res.machine["payload_bytes"] * res.options.backlog / 2**20
+        limit = max(16.0, payload_mb / 10)
+        measured = ", ".join(
+            f"+{m.over_idle_mb:.1f} MB over idle, ≤ {m.max_held} held (prefetch {m.prefetch})"
+            for m in res.memory
+        )
+        met = all(m.max_held <= m.prefetch and m.over_idle_mb <= limit for m in res.memory)
+        out.append(
+            Target(
+                f"consumer RSS with a {res.options.backlog:,} backlog",
+                f"bounded by prefetch: held ≤ prefetch, ≤ {limit:.0f} MB over idle",
+                measured,
+                met,
+            )
+        )
+    return out
+
+
+def _lat(value: Latency | None, attr: str) -> str:
+    return "—" if value is None else f"{getattr(value, attr):.2f}"
+
+
+def table(res: Results) -> str:
+    """Markdown: targets first (ratios), then throughput, latency, memory, processes."""
+    m, o = res.machine, res.options
+    lines = [
+        f"broker bench: redis-server {m['redis_server']} at {m['server']}, Python {m['python']}, "
+        f"{m['loop']}, redis-py {m['redis_py']}"
+        + (f" + hiredis {m['hiredis']}" if m["hiredis"] else " (no hiredis)")
+        + f", FastStream {m['faststream'] or 'not installed'}; {m['cores']} cores {m['cpu']}, "
+        f"{m['platform']}.",
+        f"Payload: a msgpack dict of 5 fields, {m['payload_bytes']} bytes. {o.messages:,} messages "
+        f"per run (FastStream's per-message paths: {min(o.messages, o.fs_messages):,}); "
+        f"medians of {o.repeat} run{'s' if o.repeat > 1 else ''}; CPU is this client process's "
+        "(`time.process_time`), the server is another process.",
+        "",
+        "### Targets (issue 7), ratios from this run",
+        "",
+        "| path | target | measured | |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {t.path} | {t.target} | {t.measured} | {t.verdict} |" for t in targets(res)]
+    if res.throughput or res.skipped:
+        lines += [
+            "",
+            "### Throughput",
+            "",
+            "| scenario | x raw | x FastStream | msg/s | CPU µs/msg |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for sid in [*PUBLISH, *CONSUME]:
+            s = res.throughput.get(sid)
+            if s is None:
+                if sid in res.skipped:
+                    lines.append(f"| {label(sid, res)} | | | {res.skipped[sid]} | |")
+                continue
+            raw_ref, fs_ref = REFERENCE.get(sid, (sid, None))
+            lines.append(
+                f"| {label(sid, res)} | {_x(ratio(res, sid, raw_ref))} | "
+                f"{_x(ratio(res, sid, fs_ref)) if fs_ref else ''} | {s.rate:,.0f} | "
+                f"{s.cpu_us:.1f} |"
+            )
+    if res.latency:
+        lines += [
+            "",
+            f"### Latency, publish → in the consumer's hands ({o.latency_seconds:g} s per rate)",
+            "",
+            "| path | rate msg/s | p50 ms | p99 ms | max ms | p50 x raw | p99 x raw |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for rate in o.rates:
+            raw = res.latency.get("raw", {}).get(rate)
+            for side, name in (
+                ("raw", "raw redis-py: XADD / XREADGROUP BLOCK"),
+                ("lib", "broker: `publish` / `async for`"),
+            ):
+                v = res.latency.get(side, {}).get(rate)
+                rel50 = v.p50 / raw.p50 if v and raw and side == "lib" else None
+                rel99 = v.p99 / raw.p99 if v and raw and side == "lib" else None
+                lines.append(
+                    f"| {name} | {rate:,} | {_lat(v, 'p50')} | {_lat(v, 'p99')} | "
+                    f"{_lat(v, 'max')} | {_x(rel50) if side == 'lib' else ''} | "
+                    f"{_x(rel99) if side == 'lib' else ''} |"
+                )
+    if res.memory:
+        lines += [
+            "",
+            f"### Memory: one consumer process, `async for` with a {o.handler_ms:g} ms handler, "
+            f"{o.memory_seconds:g} s against a backlog of {o.backlog:,}",
+            "",
+            "| prefetch | idle RSS MB | peak RSS MB | over idle MB | most held | consumed |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {x.prefetch} | {x.idle_mb:.1f} | {x.peak_mb:.1f} | {x.over_idle_mb:.1f} | "
+            f"{x.max_held} | {x.consumed:,} |"
+            for x in res.memory
+        ]
+    if res.processes:
+        one = res.processes.get(min(res.processes))
+        lines += [
+            "",
+            f"### Consumer processes in one group, draining a backlog of {o.process_messages:,} "
+            f"(`async for` + `msg.ack()`, prefetch {o.prefetch})",
+            "",
+            "| processes | x 1 process | msg/s | CPU µs/msg (all consumers) |",
+            "|---:|---:|---:|---:|",
+        ]
+        for k, s in sorted(res.processes.items()):
+            rel = s.rate / one.rate if one and one.rate else None
+            lines.append(f"| {k} | {_x(rel)} | {s.rate:,.0f} | {s.cpu_us:.1f} |")
+    return "\n".join(lines)
+
+
+def json_line(res: Results) -> str:
+    """Everything on one line (the last line of ``broker bench``'s output)."""
+    through: dict[str, Any] = {}
+    for sid, s in res.throughput.items():
+        raw_ref, fs_ref = REFERENCE.get(sid, (sid, None))
+        through[sid] = {
+            **s.to_json(),
+            "vs_raw": _round(ratio(res, sid, raw_ref)),
+            "vs_faststream": _round(ratio(res, sid, fs_ref)),
+        }
+    doc: dict[str, Any] = {
+        "bench": "broker",
+        "schema": 1,
+        "machine": res.machine,
+        "options": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(res.options).items()
+        },
+        "throughput": through,
+        "skipped": res.skipped,
+        "latency_ms": {
+            side: {str(rate): v.to_json() for rate, v in rates.items()}
+            for side, rates in res.latency.items()
+        },
+        "memory": [m.to_json() for m in res.memory],
+        "processes": {str(k): s.to_json() for k, s in res.processes.items()},
+        "targets": [dataclasses.asdict(t) for t in targets(res)],
+        "seconds": round(res.seconds, 1),
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
