@@ -70,7 +70,9 @@ class Target:
 
 def _ratio_target(res: Results, path: str, target: str, sid: str, ref: str, bound: float) -> Target:
     r = ratio(res, sid, ref)
-    return Target(path, target, _x(r), None if r is None else r >= bound)
+    if r is None:  # say why when FastStream was left out
+        return Target(path, target, res.skipped.get(ref, "—"), None)
+    return Target(path, target, _x(r), r >= bound)
 
 
 def targets(res: Results) -> list[Target]:
@@ -121,7 +123,8 @@ def targets(res: Results) -> list[Target]:
     )
     ours = [(s, res.throughput.get(s)) for s in ("lib.publish", "lib.publish_many")]
     if fs_best is None or any(s is None for _, s in ours):
-        out.append(Target("publish vs FastStream's publisher", "≥ 2 x", "—", None))
+        why = res.skipped.get("fs.publish", "—")
+        out.append(Target("publish vs FastStream's publisher", "≥ 2 x", why, None))
     else:
         r1, r2 = (s.rate / fs_best.rate for _, s in ours if s is not None)
         out.append(

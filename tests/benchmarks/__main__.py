@@ -16,11 +16,8 @@ from cli.main import cli
 def main(argv: list[str]) -> None:
     with EmbeddedServer() as server:
         print(f"private redis-server {server.binary} at {server.url}", file=sys.stderr)
-        cli.main(
-            ["--url", server.url, "bench", *argv],
-            prog_name="python -m tests.benchmarks",
-            standalone_mode=False,
-        )
+        # click's standalone mode ends with SystemExit: the server still stops on the way out
+        cli.main(["--url", server.url, "bench", *argv], prog_name="python -m tests.benchmarks")
 
 
 if __name__ == "__main__":
