@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import linecache
 import os
 import re
 import shutil
@@ -76,8 +77,10 @@ def _short(frame: str, line: bool = False) -> str:
         if marker in path:
             path = path.split(marker, 1)[1]
             break
-    where = f"{path}:{m['line']}" if line and m["line"] else path
-    return f"{m['func']} ({where})"
+    if line and m["line"]:
+        code = linecache.getline(m["file"], int(m["line"])).strip()
+        return f"{m['func']} ({path}:{m['line']})  {code[:70]}"
+    return f"{m['func']} ({path})"
 
 
 def summarize(raw_out: Path, header: str, top: int = 30) -> str:
@@ -98,7 +101,15 @@ def summarize(raw_out: Path, header: str, top: int = 30) -> str:
         lines[_short(stack.split(";")[-1], line=True)] += n
         for f in set(frames):
             cumulative[f] += n
-    out = [header, f"samples: {total} (active CPU only; idle waits are not sampled)", ""]
+    out = [
+        header,
+        f"samples: {total} (active CPU only; idle waits are not sampled)",
+        "C work without a Python frame (uvloop's loop, socket reads, task wake-ups) is charged to",
+        "the innermost Python frame: Runner.run is the event loop itself, and an `await` line",
+        "includes resuming the coroutine (on Python 3.11 the line shown can be the statement",
+        "before the `await`). Source lines are as they were when profiled.",
+        "",
+    ]
     for title, counter in (
         ("functions by own time", own),
         ("functions by cumulative time", cumulative),
