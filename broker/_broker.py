@@ -20,6 +20,7 @@ from ._publisher import Publisher
 from ._resource import AsyncResource, cancel_and_wait
 from ._retry import retrying
 from ._settings import Settings
+from ._wire import Wire
 
 if TYPE_CHECKING:
     from ._channel import Channel
@@ -56,6 +57,7 @@ class Broker(AsyncResource):
         self._publisher_options = publisher_options
         self._redis: aioredis.Redis | None = None
         self._publisher: Publisher | None = None
+        self._wire: Wire | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
@@ -92,8 +94,10 @@ class Broker(AsyncResource):
                     await self._measure_clock()
             except ConnectionLostError as exc:
                 raise type(exc)(f"cannot connect to {s.safe_url}: {_cause(exc)}") from exc.__cause__
+            self._wire = Wire(self._redis, timeout=max(15.0, 3 * s.connect_timeout))
+            stack.push_async_callback(self._wire.aclose)
             self._publisher = Publisher(
-                self._redis, reconnect_deadline=s.reconnect_deadline, **self._publisher_options
+                self._wire, reconnect_deadline=s.reconnect_deadline, **self._publisher_options
             )
             self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._publisher_task = self._tasks.create_task(
@@ -146,6 +150,13 @@ class Broker(AsyncResource):
         if self._redis is None or self._closed:
             raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
         return self._redis
+
+    @property
+    def wire(self) -> Wire:
+        """Connections for the hot commands (``XADD``, ``XREADGROUP``, ``XACK``)."""
+        if self._wire is None or self._closed:
+            raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
+        return self._wire
 
     @property
     def publisher(self) -> Publisher:

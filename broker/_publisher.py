@@ -6,11 +6,10 @@ import asyncio
 import collections
 import dataclasses
 import functools
-from typing import Any
 
 from ._errors import ClosedError, map_redis_errors
 from ._retry import retrying
-from ._wire import bulk, execute, pack
+from ._wire import Wire, bulk, pack
 
 __all__ = ["PublisherStatistics", "Publisher", "XAdd"]
 
@@ -48,7 +47,7 @@ class Publisher:
 
     def __init__(
         self,
-        redis: Any,
+        wire: Wire,
         *,
         reconnect_deadline: float,
         max_batch: int = 512,
@@ -57,7 +56,7 @@ class Publisher:
     ) -> None:
         if max_batch < 1 or max_queue < 1 or linger < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and linger >= 0")
-        self._redis = redis
+        self._wire = wire
         self._deadline = reconnect_deadline
         self._max_batch = max_batch
         self._max_queue = max_queue
@@ -87,7 +86,7 @@ class Publisher:
             # and a future less); publishes arriving meanwhile queue up behind this one
             self._busy += 1
             try:
-                (result,) = await send_batch(self._redis, [item], self._deadline)
+                (result,) = await send_batch(self._wire, [item], self._deadline)
             finally:
                 self._busy -= 1
             self._batches += 1
@@ -131,7 +130,7 @@ class Publisher:
             batch = [self._queue.popleft() for _ in range(n)]
             self._space.set()
             try:
-                ids = await send_batch(self._redis, [item for item, _ in batch], self._deadline)
+                ids = await send_batch(self._wire, [item for item, _ in batch], self._deadline)
             except Exception as exc:  # every waiter gets the batch's error
                 for _, fut in batch:
                     if not fut.done():
@@ -149,7 +148,7 @@ class Publisher:
                     fut.set_result(result)
 
 
-async def send_batch(redis: Any, items: list[XAdd], deadline: float) -> list[str | BaseException]:
+async def send_batch(wire: Wire, items: list[XAdd], deadline: float) -> list[str | BaseException]:
     """Send ``items`` in one round trip; per-entry errors come back in the list, not raised.
 
     A lost connection resends the whole batch until ``deadline``: an entry may then be appended
@@ -160,7 +159,7 @@ async def send_batch(redis: Any, items: list[XAdd], deadline: float) -> list[str
     age_trims = {it.key: it.minid for it in items if it.maxlen is not None and it.minid}
     parts += [pack(b"XTRIM", key, b"MINID", b"~", minid) for key, minid in age_trims.items()]
     payload = b"".join(parts)
-    raw = await retrying(lambda: execute(redis, payload, len(parts)), deadline)
+    raw = await retrying(lambda: wire.execute(payload, len(parts)), deadline)
     out: list[str | BaseException] = []
     for it, r in zip(items, raw, strict=False):
         if isinstance(r, BaseException):

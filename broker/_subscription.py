@@ -42,7 +42,7 @@ from ._names import check_group
 from ._resource import AsyncResource, cancel_and_wait
 from ._retry import Backoff, retrying
 from ._scripts import DEAD_LETTER, PRUNE_CONSUMER
-from ._wire import bulk, execute, pack, pack_strs
+from ._wire import bulk, pack, pack_strs
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -722,7 +722,7 @@ class Subscription(AsyncResource, Generic[T]):
             args += [b"BLOCK", int(block * 1000)]
         args += [b"STREAMS", *streams, *streams.values()]
         wait = block or 0.0
-        (reply,) = await execute(self.broker.redis, pack(*args), 1, wait=wait)
+        (reply,) = await self.broker.wire.execute(pack(*args), 1, wait=wait)
         if isinstance(reply, BaseException):
             raise reply
         if isinstance(reply, dict):  # RESP3 (redis-py's default protocol since 8.0) sends a map
@@ -856,7 +856,7 @@ class Subscription(AsyncResource, Generic[T]):
 
         async def send() -> None:
             if parts:
-                for reply in await execute(r, payload, len(parts)):
+                for reply in await self.broker.wire.execute(payload, len(parts)):
                     if isinstance(reply, BaseException):
                         raise reply
             while dead:

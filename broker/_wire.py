@@ -11,13 +11,12 @@ in a pipeline.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import redis.exceptions as rex
 
-__all__ = ["bulk", "execute", "pack", "pack_strs"]
+__all__ = ["Wire", "bulk", "pack", "pack_strs"]
 
 
 def bulk(value: bytes) -> bytes:
@@ -39,34 +38,53 @@ def pack_strs(values: Iterable[str]) -> bytes:
     return "".join([f"${len(v)}\r\n{v}\r\n" for v in values]).encode()
 
 
-async def execute(redis: Any, payload: bytes, replies: int, *, wait: float = 0.0) -> list[Any]:
-    """Send ``payload`` (``replies`` commands) on one pooled connection and read the replies.
+class Wire:
+    """Connections for the hot commands, made like the client's own (same URL, TLS, auth, client
+    name) but without redis-py's socket timeout: that timeout wraps every send in a task
+    (``wait_for``) and every reply in a timeout context. :meth:`execute` bounds the whole
+    exchange with one deadline instead, so a dead peer is still detected."""
 
-    Server errors are returned as ``redis.exceptions.ResponseError`` values. A lost or silent
-    connection raises redis-py's ``ConnectionError``/``TimeoutError`` after being discarded,
-    so the pool never hands out a connection with replies still unread; the same holds when
-    the call is cancelled. ``wait`` is how long the server may legitimately hold the reply
-    (a ``BLOCK``); the socket timeout comes on top.
-    """
-    pool = redis.connection_pool
-    conn = await pool.get_connection()
-    complete = False
-    try:
-        await conn.send_packed_command(payload)
-        limit = (conn.socket_timeout or 30.0) + wait
-        out: list[Any] = []
+    def __init__(self, client: Any, timeout: float) -> None:
+        pool = client.connection_pool
+        kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        self.pool = type(pool)(
+            connection_class=pool.connection_class,
+            max_connections=pool.max_connections,
+            **kwargs,
+        )
+        self.timeout = timeout
+
+    async def aclose(self) -> None:
+        await self.pool.disconnect()
+
+    async def execute(self, payload: bytes, replies: int, *, wait: float = 0.0) -> list[Any]:
+        """Send ``payload`` (``replies`` commands) on one connection and read the replies.
+
+        Server errors are returned as ``redis.exceptions.ResponseError`` values. A lost or
+        silent connection raises redis-py's ``ConnectionError``/``TimeoutError`` after being
+        discarded, so no connection goes back to the pool with replies unread; the same holds
+        when the call is cancelled. ``wait`` is how long the server may legitimately hold the
+        reply (a ``BLOCK``); the timeout comes on top.
+        """
+        pool = self.pool
+        conn = await pool.get_connection()
+        complete = False
+        limit = self.timeout + wait
         try:
-            async with asyncio.timeout(limit):
-                for _ in range(replies):
-                    try:
-                        out.append(await conn.read_response(timeout=math.inf))
-                    except rex.ResponseError as exc:
-                        out.append(exc)
-        except TimeoutError:
-            raise rex.TimeoutError(f"no reply from the server within {limit:.0f} s") from None
-        complete = True
-        return out
-    finally:
-        if not complete:  # unread replies would reach the next user of this connection
-            await conn.disconnect(nowait=True)
-        await pool.release(conn)
+            out: list[Any] = []
+            try:
+                async with asyncio.timeout(limit):
+                    await conn.send_packed_command(payload)
+                    for _ in range(replies):
+                        try:
+                            out.append(await conn.read_response())
+                        except rex.ResponseError as exc:
+                            out.append(exc)
+            except TimeoutError:
+                raise rex.TimeoutError(f"no reply from the server within {limit:.0f} s") from None
+            complete = True
+            return out
+        finally:
+            if not complete:  # unread replies would reach the next user of this connection
+                await conn.disconnect(nowait=True)
+            await pool.release(conn)
