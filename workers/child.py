@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from broker import ConfigurationError
 
 from ._logging import configure
-from ._serve import ExitCode, serve
+from ._serve import ExitCode, Outcome, serve
 from ._spec import SPEC_ENV, WorkerSpec
 
 
@@ -24,12 +26,25 @@ def main() -> int:
     slot = int(sys.argv[2])
     configure(spec.log_level, spec.log_format, worker=spec.worker_id(slot), pid=os.getpid())
     try:
-        outcome = asyncio.run(serve(spec, slot, install_signals=True))
+        outcome = _run(serve(spec, slot, install_signals=True))
     except ConfigurationError:
         return ExitCode.USAGE
     except Exception:
         return ExitCode.FAILED
     return outcome.exit_code
+
+
+def _run(main: Coroutine[Any, Any, Outcome]) -> Outcome:
+    """On uvloop when it is installed (the ``broker[uvloop]`` extra) and not turned off with
+    ``BROKER_UVLOOP=0``: the same code, less CPU per message."""
+    if os.environ.get("BROKER_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 if __name__ == "__main__":
