@@ -40,12 +40,16 @@ def connect(url: str | None = None, **options: Any) -> Broker:
     ``url`` falls back to ``$BROKER_URL``, then ``redis://localhost:6379/0``; ``rediss://`` (TLS),
     ``unix://`` and ``user:password@`` (ACL) work. ``options`` are :class:`Settings` fields
     (``namespace``, ``reconnect_deadline``, ...) and the publish batcher's ``linger``,
-    ``max_batch`` and ``max_queue``.
+    ``max_batch``, ``max_queue`` and ``max_pipelines``.
 
     :raises ConfigurationError: on a bad URL or option (at the call).
     :raises ConnectionLostError: on entering, if the server cannot be reached.
     """
-    publisher = {k: options.pop(k) for k in ("linger", "max_batch", "max_queue") if k in options}
+    publisher = {
+        k: options.pop(k)
+        for k in ("linger", "max_batch", "max_queue", "max_pipelines")
+        if k in options
+    }
     return Broker(Settings.from_url(url, **options), **publisher)
 
 

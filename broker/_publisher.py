@@ -53,9 +53,10 @@ class Publisher:
         max_batch: int = 512,
         max_queue: int = 10_000,
         linger: float = 0.0,
+        max_pipelines: int = 4,
     ) -> None:
-        if max_batch < 1 or max_queue < 1 or linger < 0:
-            raise ValueError("max_batch and max_queue must be >= 1 and linger >= 0")
+        if max_batch < 1 or max_queue < 1 or max_pipelines < 1 or linger < 0:
+            raise ValueError("max_batch, max_queue and max_pipelines must be >= 1 and linger >= 0")
         self._wire = wire
         self._deadline = reconnect_deadline
         self._max_batch = max_batch
@@ -67,6 +68,9 @@ class Publisher:
         self._space.set()
         self._closed = False
         self._busy = 0  # direct sends in flight
+        #: pipelines on the wire at once: a publish arriving while one is out need not wait
+        #: for its reply (the order of one task's publishes holds: each waits for its id)
+        self._pipelines = asyncio.Semaphore(max_pipelines)
         self._batches = 0
         self._published = 0
         self._largest = 0
@@ -103,13 +107,14 @@ class Publisher:
     async def run(self) -> None:
         """The drain loop; runs in the broker's task group until :meth:`close`, then drains."""
         try:
-            while not self._closed:
-                await self._wake.wait()
-                self._wake.clear()
-                if self._linger and not self._closed:
-                    await asyncio.sleep(self._linger)
-                await self._drain()
-            await self._drain()
+            async with asyncio.TaskGroup() as pipelines:  # its exit waits for those in flight
+                while not self._closed:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    if self._linger and not self._closed:
+                        await asyncio.sleep(self._linger)
+                    await self._drain(pipelines)
+                await self._drain(pipelines)
         finally:
             # cancelled while draining (the broker's close was cancelled): nobody may wait forever
             self._closed = True
@@ -124,28 +129,45 @@ class Publisher:
         self._wake.set()
         self._space.set()
 
-    async def _drain(self) -> None:
+    async def _drain(self, pipelines: asyncio.TaskGroup) -> None:
         while self._queue:
+            await self._pipelines.acquire()
+            if not self._queue:
+                self._pipelines.release()
+                return
             n = min(len(self._queue), self._max_batch)
             batch = [self._queue.popleft() for _ in range(n)]
             self._space.set()
-            try:
-                ids = await send_batch(self._wire, [item for item, _ in batch], self._deadline)
-            except Exception as exc:  # every waiter gets the batch's error
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            pipelines.create_task(self._send(batch))
+
+    async def _send(self, batch: list[tuple[XAdd, asyncio.Future[str]]]) -> None:
+        """One pipeline; its outcome goes to the waiters, never to the task group."""
+        try:
+            ids = await send_batch(self._wire, [item for item, _ in batch], self._deadline)
+        except Exception as exc:  # every waiter gets the batch's error
+            _fail(batch, exc)
+            return
+        except BaseException:  # cancelled: the broker's close was cancelled
+            _fail(batch, ClosedError("the broker closed before this entry was sent"))
+            raise
+        finally:
+            self._pipelines.release()
+        self._batches += 1
+        self._published += len(batch)
+        self._largest = max(self._largest, len(batch))
+        for (_, fut), result in zip(batch, ids, strict=True):
+            if fut.done():
                 continue
-            self._batches += 1
-            self._published += n
-            self._largest = max(self._largest, n)
-            for (_, fut), result in zip(batch, ids, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(result, BaseException):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+
+def _fail(batch: list[tuple[XAdd, asyncio.Future[str]]], exc: BaseException) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)
 
 
 async def send_batch(wire: Wire, items: list[XAdd], deadline: float) -> list[str | BaseException]:

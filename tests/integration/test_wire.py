@@ -112,3 +112,39 @@ async def test_cancelled_mid_reply_leaves_no_unread_replies(raw: Any, redis_url:
     finally:
         await wire.aclose()
         await client.aclose()
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+async def test_publish_pipelines_in_flight_are_bounded(
+    redis_url: str, namespace: str, limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_flight = peak = 0
+    original = Wire.execute
+
+    async def counting(self: Wire, payload: bytes, replies: int, **kw: Any) -> list[Any]:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.002)  # a slower server: batches overlap
+            return await original(self, payload, replies, **kw)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(Wire, "execute", counting)
+    async with broker.connect(redis_url, namespace=namespace, max_pipelines=limit) as b:
+        ch = b.channel("pipes")
+
+        async def one(k: int) -> list[str]:
+            return [await ch.publish({"k": k, "i": i}) for i in range(50)]
+
+        per_task = await asyncio.gather(*(one(k) for k in range(40)))
+        ids = [i for ids in per_task for i in ids]
+        assert len(set(ids)) == 2000
+        assert (await b.redis.xlen(ch.key)) == 2000
+        for ids in per_task:  # one task's publishes keep their order
+            assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    # the batches plus at most one direct send (when nothing was queued)
+    assert 1 <= peak <= limit + 1
+    if limit > 1:
+        assert peak > 1
