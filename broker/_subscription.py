@@ -164,7 +164,9 @@ class Subscription(AsyncResource, Generic[T]):
         self.dead_maxlen = dead_maxlen
 
         self._buffer: collections.deque[Message[T]] = collections.deque()
-        self._inflight: dict[_Key, Message[T]] = {}
+        #: handed out, not settled; keyed by the message itself (no key tuple per message: a
+        #: subscription never has two messages of one entry in hand)
+        self._inflight: dict[Message[T], bool] = {}
         self._retry: list[tuple[float, int, Message[T]]] = []
         self._seq = itertools.count()
         self._acks: dict[str, list[str]] = {}
@@ -308,7 +310,7 @@ class Subscription(AsyncResource, Generic[T]):
         buffer = self._buffer
         if buffer and not self._stopped:  # the hot path: one message in hand already
             msg = buffer.popleft()
-            self._inflight[(msg.channel, msg.id)] = msg
+            self._inflight[msg] = True
             return msg
         if not self._entered:
             raise ClosedError("enter the subscription first: `async with ch.subscribe(...) as m`")
@@ -331,7 +333,7 @@ class Subscription(AsyncResource, Generic[T]):
         if self._stopped or not self._buffer:
             return None
         msg = self._buffer.popleft()
-        self._inflight[(msg.channel, msg.id)] = msg
+        self._inflight[msg] = True
         return msg
 
     def chunks(self, size: int, *, timeout: float | None = None) -> AsyncIterator[list[Message[T]]]:
@@ -364,7 +366,7 @@ class Subscription(AsyncResource, Generic[T]):
             except BaseException:
                 # cancelled while filling: hand the batch back, in order, as if never taken
                 for msg in reversed(batch):
-                    if self._inflight.pop((msg.channel, msg.id), None) is not None:
+                    if self._inflight.pop(msg, False):
                         self._buffer.appendleft(msg)
                 raise
             yield batch
@@ -375,7 +377,7 @@ class Subscription(AsyncResource, Generic[T]):
             if buffer and not self._stopped:
                 for _ in range(min(size - len(batch), len(buffer))):
                     msg = buffer.popleft()
-                    inflight[(msg.channel, msg.id)] = msg
+                    inflight[msg] = True
                     batch.append(msg)
                 continue
             if self._stopped or self._error is not None:
@@ -427,7 +429,7 @@ class Subscription(AsyncResource, Generic[T]):
         if self._tasks is None:
             self._check_open()
         if isinstance(messages, Message):  # the hot path: msg.ack()
-            if self._inflight.pop((messages.channel, messages.id), None) is not None:
+            if self._inflight.pop(messages, False):
                 ids = self._acks.get(messages.channel)
                 if ids is None:
                     ids = self._acks[messages.channel] = []
@@ -441,7 +443,7 @@ class Subscription(AsyncResource, Generic[T]):
             return
         inflight, acks, n = self._inflight, self._acks, 0
         for msg in messages:
-            if inflight.pop((msg.channel, msg.id), None) is None:
+            if not inflight.pop(msg, False):
                 continue  # already settled: acking twice is harmless
             ids = acks.get(msg.channel)
             if ids is None:
@@ -464,7 +466,7 @@ class Subscription(AsyncResource, Generic[T]):
         if delay is not None and delay < 0:
             raise ValueError(f"delay must be >= 0 seconds, got {delay!r}")
         self._check_open()
-        if self._inflight.pop((message.channel, message.id), None) is None:
+        if not self._inflight.pop(message, False):
             return
         self._stats["nacked"] += 1
         if message.deliveries >= self.max_deliveries:
@@ -533,7 +535,7 @@ class Subscription(AsyncResource, Generic[T]):
     def _held(self) -> set[_Key]:
         """Entries this subscription has in hand (a replay after a reconnect skips them)."""
         held = {(m.channel, m.id) for m in self._buffer}
-        held.update(self._inflight)
+        held.update((m.channel, m.id) for m in self._inflight)
         held.update((m.channel, m.id) for _, _, m in self._retry)
         held.update((name, i) for name, ids in self._acks.items() for i in ids)
         held.update((op.channel.name, op.id) for op in self._dead)
@@ -940,9 +942,7 @@ class Subscription(AsyncResource, Generic[T]):
         while True:
             await asyncio.sleep(period)
             held: dict[str, list[str]] = {}
-            for m in itertools.chain(
-                self._buffer, self._inflight.values(), (m for _, _, m in self._retry)
-            ):
+            for m in itertools.chain(self._buffer, self._inflight, (m for _, _, m in self._retry)):
                 held.setdefault(m.channel, []).append(m.id)
             for name, ids in held.items():
                 # touch only what is still ours: after a stall another consumer may have
@@ -1003,7 +1003,8 @@ class Subscription(AsyncResource, Generic[T]):
         if self._read_cancelled or self._arriving:
             # a read, claim or replay cancelled midway may have left entries in our pending
             # list that we never saw: release every one we do not hold (bounded scan)
-            keep = set(self._inflight) | {(n, i) for n, ids in self._acks.items() for i in ids}
+            keep = {(m.channel, m.id) for m in self._inflight}
+            keep |= {(n, i) for n, ids in self._acks.items() for i in ids}
             for ch in self.channels:
                 for row in await self._own_pending(ch):
                     entry_id = row["message_id"].decode()
