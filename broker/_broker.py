@@ -272,8 +272,8 @@ class Broker(AsyncResource):
     ) -> None:
         """Subscribe and run ``handler`` with bounded concurrency until stopped.
 
-        Prefetch is ``concurrency + read_ahead`` (default read-ahead: a quarter of the
-        concurrency, at least 1), so a slow process does not hoard messages others could take.
+        Prefetch is ``concurrency + read_ahead`` (default read-ahead: ``concurrency``), so the
+        next messages are at hand while a slow process still does not hoard the backlog.
         See :meth:`Subscription.consume` for the limits.
 
         Example::
@@ -281,13 +281,10 @@ class Broker(AsyncResource):
             async with broker.stop_token("deploy") as stop:
                 await b.consume("orders", handle, group="billing", concurrency=8, stop=stop)
         """
-        from ._consume import check_limits
+        from ._consume import check_limits, default_prefetch
 
         check_limits(concurrency, group_concurrency, lease)
-        extra = max(1, concurrency // 4) if read_ahead is None else read_ahead
-        if extra < 0:
-            raise ValueError(f"read_ahead must be >= 0, got {read_ahead!r}")
-        options.setdefault("prefetch", concurrency + extra)
+        options.setdefault("prefetch", default_prefetch(concurrency, read_ahead))
         async with self.subscribe(channels, group=group, **options) as sub:
             await sub.consume(
                 handler,

@@ -16,11 +16,21 @@ if TYPE_CHECKING:
     from ._stop import StopToken
     from ._subscription import Subscription
 
-__all__ = ["run_consumer"]
+__all__ = ["check_limits", "default_prefetch", "run_consumer"]
 
 log = logging.getLogger("broker.consume")
 T = TypeVar("T")
 Handler = Callable[["Message[T]"], Awaitable[Any]]
+
+
+def default_prefetch(concurrency: int, read_ahead: int | None = None) -> int:
+    """``concurrency`` in handlers plus a read-ahead (default: as many again), so the next
+    messages are at hand when handlers finish but a slow process does not hoard the backlog
+    (Celery's default holds 4 per slot)."""
+    extra = concurrency if read_ahead is None else read_ahead
+    if extra < 0:
+        raise ValueError(f"read_ahead must be >= 0, got {read_ahead!r}")
+    return concurrency + extra
 
 
 def check_limits(concurrency: int, group_concurrency: int | None, lease: float) -> None:

@@ -181,12 +181,12 @@ class Subscription(AsyncResource, Generic[T]):
         self._trimmed: dict[_Key, None] = {}
         self._replay_cursors: dict[str, str] = {}
         self._claim_cursors: dict[str, str] = {}
-        self._readable = asyncio.Event()
+        #: tasks waiting for a message (in __anext__ or chunks()), woken one per message
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._room = asyncio.Event()
         self._ack_wake = asyncio.Event()
         self._ack_kicked = False  # _ack_wake is set (a plain flag is cheaper on the hot path)
         self._parked = False  # the read loop waits for room
-        self._readers = 0  # tasks waiting in __anext__ or chunks() for a message
         self._retry_wake = asyncio.Event()
         self._flushed = asyncio.Event()
         self._flushed.set()
@@ -278,7 +278,7 @@ class Subscription(AsyncResource, Generic[T]):
         if self._stopped:
             return
         self._stopped = True
-        self._readable.set()
+        self._wake()
         if self._tasks is not None:
             try:
                 self._winding = self._tasks.create_task(self._wind_down(), name=f"{self!r} stop")
@@ -322,12 +322,7 @@ class Subscription(AsyncResource, Generic[T]):
                 raise self._error
             if self._stopped:
                 raise StopAsyncIteration
-            self._readable.clear()
-            self._readers += 1
-            try:
-                await self._readable.wait()
-            finally:
-                self._readers -= 1
+            await self._wait_readable(None)
 
     def _take(self) -> Message[T] | None:
         if self._stopped or not self._buffer:
@@ -382,18 +377,38 @@ class Subscription(AsyncResource, Generic[T]):
                 continue
             if self._stopped or self._error is not None:
                 return
-            self._readable.clear()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return
-            self._readers += 1
             try:
-                async with asyncio.timeout(remaining):
-                    await self._readable.wait()
+                await self._wait_readable(remaining)
             except TimeoutError:
                 return
-            finally:
-                self._readers -= 1
+
+    async def _wait_readable(self, seconds: float | None) -> None:
+        """Wait until woken by :meth:`_wake` (a message arrived, or the end); TimeoutError
+        after ``seconds``."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(seconds):
+                await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._wake(1)  # woken, then cancelled or timed out: the message is not ours
+            else:
+                fut.cancel()  # _wake skips it
+            raise
+
+    def _wake(self, n: int | None = None) -> None:
+        """Wake ``n`` waiting readers (one per message that arrived), or all of them."""
+        waiters = self._waiters
+        while waiters and (n is None or n > 0):
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                if n is not None:
+                    n -= 1
 
     async def consume(
         self,
@@ -654,7 +669,7 @@ class Subscription(AsyncResource, Generic[T]):
                 else:
                     await self._read_new(room)
                 backoff.reset()
-                if self._buffer and self._readers:
+                if self._buffer and self._waiters:
                     # let the waiting reader take what just arrived before the next read is
                     # sent: sending first would add its system calls to every message's latency
                     await asyncio.sleep(0)
@@ -784,7 +799,7 @@ class Subscription(AsyncResource, Generic[T]):
             if bad:
                 self._kick()
             if buffer:
-                self._readable.set()
+                self._wake(len(buffer))
             return
         held = self._held()
         counts: dict[str, int] = {}
@@ -812,7 +827,7 @@ class Subscription(AsyncResource, Generic[T]):
         self._arriving = set()
         self._kick()
         if self._buffer:
-            self._readable.set()
+            self._wake(len(self._buffer))
 
     async def _pending_rows(self, ch: Channel[Any], ids: list[Any]) -> dict[str, Any]:
         """The pending-list row (owner, delivery count) of each entry, in one round trip."""
@@ -933,7 +948,7 @@ class Subscription(AsyncResource, Generic[T]):
                         self._buffer.append(msg)
                         self._buffered_total += 1
                 self._kick()
-                self._readable.set()
+                self._wake(len(self._buffer))
 
     async def _heartbeat_loop(self) -> None:
         """Keep held entries (buffered, in handlers, waiting for retry) from looking idle to

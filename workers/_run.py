@@ -15,6 +15,7 @@ from typing import Any, Protocol, cast
 
 import broker
 from broker import StopToken
+from broker._consume import default_prefetch
 from broker._resource import cancel_and_wait
 
 from ._logging import event
@@ -84,7 +85,7 @@ class Consumer:
         spec = self.spec
         assert spec.group is not None
         # the read-ahead that Broker.consume uses: a slow process does not hoard messages
-        prefetch = spec.concurrency + max(1, spec.concurrency // 4)
+        prefetch = default_prefetch(spec.concurrency)
         async with self.b.subscribe(
             list(spec.channels),
             group=spec.group,
