@@ -67,10 +67,12 @@ class Publisher:
         self._space = asyncio.Event()
         self._space.set()
         self._closed = False
-        self._busy = 0  # direct sends in flight
-        #: pipelines on the wire at once: a publish arriving while one is out need not wait
-        #: for its reply (the order of one task's publishes holds: each waits for its id)
-        self._pipelines = asyncio.Semaphore(max_pipelines)
+        #: pipelines on the wire (direct sends included), at most ``max_pipelines``: a publish
+        #: arriving while one is out need not wait for its reply (the order of one task's
+        #: publishes holds: each waits for its id)
+        self._in_flight = 0
+        self._max_pipelines = max_pipelines
+        self._slot_free = asyncio.Event()
         self._batches = 0
         self._published = 0
         self._largest = 0
@@ -85,14 +87,15 @@ class Publisher:
             await self._space.wait()
         if self._closed:
             raise ClosedError("the broker is closed; publish inside `async with connect()`")
-        if not self._queue and not self._busy and not self._linger:
-            # nothing to coalesce with: skip the hand-off to the drain task (one task switch
-            # and a future less); publishes arriving meanwhile queue up behind this one
-            self._busy += 1
+        if not self._queue and self._in_flight < self._max_pipelines and not self._linger:
+            # a pipeline is free and nothing waits: send now, skipping the hand-off to the
+            # drain task (two task switches and a future less); when every pipeline is out,
+            # publishes queue up and leave together in the next free one
+            self._in_flight += 1
             try:
                 (result,) = await send_batch(self._wire, [item], self._deadline)
             finally:
-                self._busy -= 1
+                self._release()
             self._batches += 1
             self._published += 1
             self._largest = max(self._largest, 1)
@@ -123,6 +126,10 @@ class Publisher:
                 if not fut.done():
                     fut.set_exception(ClosedError("the broker closed before this entry was sent"))
 
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._slot_free.set()
+
     def close(self) -> None:
         """Refuse new publishes; :meth:`run` sends what was accepted, then returns."""
         self._closed = True
@@ -131,10 +138,12 @@ class Publisher:
 
     async def _drain(self, pipelines: asyncio.TaskGroup) -> None:
         while self._queue:
-            await self._pipelines.acquire()
+            while self._in_flight >= self._max_pipelines:
+                self._slot_free.clear()
+                await self._slot_free.wait()
             if not self._queue:
-                self._pipelines.release()
                 return
+            self._in_flight += 1
             n = min(len(self._queue), self._max_batch)
             batch = [self._queue.popleft() for _ in range(n)]
             self._space.set()
@@ -151,7 +160,7 @@ class Publisher:
             _fail(batch, ClosedError("the broker closed before this entry was sent"))
             raise
         finally:
-            self._pipelines.release()
+            self._release()
         self._batches += 1
         self._published += len(batch)
         self._largest = max(self._largest, len(batch))
