@@ -15,7 +15,7 @@ COPY pyproject.toml README.md ./
 COPY broker ./broker
 COPY workers ./workers
 COPY cli ./cli
-RUN pip install . \
+RUN pip install ".[uvloop]" \
     && useradd --system --uid 10001 --no-create-home --home-dir /app broker
 
 USER broker
