@@ -127,6 +127,8 @@ class Broker(AsyncResource):
             self._publisher.close()  # sends what was accepted, then ends
             try:
                 await asyncio.wait([self._publisher_task])
+                # and the publishes sent straight from their callers' tasks
+                await self._publisher.wait_idle()
             finally:
                 await cancel_and_wait(self._publisher_task)
         await stack.aclose()

@@ -85,6 +85,13 @@ async def run_consumer(
         except Exception as exc:  # the message failed, the consumer goes on
             log.warning("handler failed on %s %s: %r", msg.channel, msg.id, exc)
             msg.nack(error=exc)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this consumer is being cancelled: the message stays pending
+            # the handler cancelled itself (a timeout it did not catch...): it failed
+            log.warning("handler failed on %s %s: %r", msg.channel, msg.id, exc)
+            msg.nack(error="the handler raised CancelledError")
         else:
             msg.ack()
 

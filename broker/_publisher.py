@@ -130,6 +130,12 @@ class Publisher:
         self._in_flight -= 1
         self._slot_free.set()
 
+    async def wait_idle(self) -> None:
+        """Wait until no pipeline is on the wire (direct sends run in the callers' tasks)."""
+        while self._in_flight:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+
     def close(self) -> None:
         """Refuse new publishes; :meth:`run` sends what was accepted, then returns."""
         self._closed = True

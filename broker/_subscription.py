@@ -363,6 +363,7 @@ class Subscription(AsyncResource, Generic[T]):
                 for msg in reversed(batch):
                     if self._inflight.pop(msg, False):
                         self._buffer.appendleft(msg)
+                self._wake(len(self._buffer))  # another reader may be waiting for these
                 raise
             yield batch
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import redis.exceptions as rex
 
+from ._errors import ClosedError
+
 __all__ = ["Wire", "bulk", "pack", "pack_strs"]
 
 
@@ -53,8 +55,11 @@ class Wire:
             **kwargs,
         )
         self.timeout = timeout
+        self.closed = False
 
     async def aclose(self) -> None:
+        """Close every connection; later calls raise ``ClosedError`` instead of reconnecting."""
+        self.closed = True
         await self.pool.disconnect()
 
     async def execute(self, payload: bytes, replies: int, *, wait: float = 0.0) -> list[Any]:
@@ -63,28 +68,34 @@ class Wire:
         Server errors are returned as ``redis.exceptions.ResponseError`` values. A lost or
         silent connection raises redis-py's ``ConnectionError``/``TimeoutError`` after being
         discarded, so no connection goes back to the pool with replies unread; the same holds
-        when the call is cancelled. ``wait`` is how long the server may legitimately hold the
-        reply (a ``BLOCK``); the timeout comes on top.
+        when the call is cancelled. One deadline covers connecting (and its handshake), sending
+        and reading: ``wait`` is how long the server may legitimately hold the reply (a
+        ``BLOCK``); the timeout comes on top.
+
+        :raises ClosedError: after :meth:`aclose`.
         """
+        if self.closed:
+            raise ClosedError("the broker is closed; use it inside `async with connect(...)`")
         pool = self.pool
-        conn = await pool.get_connection()
+        conn = None
         complete = False
         limit = self.timeout + wait
         try:
             out: list[Any] = []
-            try:
-                async with asyncio.timeout(limit):
-                    await conn.send_packed_command(payload)
-                    for _ in range(replies):
-                        try:
-                            out.append(await conn.read_response())
-                        except rex.ResponseError as exc:
-                            out.append(exc)
-            except TimeoutError:
-                raise rex.TimeoutError(f"no reply from the server within {limit:.0f} s") from None
+            async with asyncio.timeout(limit):
+                conn = await pool.get_connection()
+                await conn.send_packed_command(payload)
+                for _ in range(replies):
+                    try:
+                        out.append(await conn.read_response())
+                    except rex.ResponseError as exc:
+                        out.append(exc)
             complete = True
             return out
+        except TimeoutError:
+            raise rex.TimeoutError(f"no reply from the server within {limit:.0f} s") from None
         finally:
-            if not complete:  # unread replies would reach the next user of this connection
-                await conn.disconnect(nowait=True)
-            await pool.release(conn)
+            if conn is not None:
+                if not complete:  # unread replies would reach the next user of this connection
+                    await conn.disconnect(nowait=True)
+                await pool.release(conn)
