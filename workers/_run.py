@@ -112,29 +112,35 @@ class Consumer:
     async def _handle(self, msg: broker.Message[Any]) -> None:
         try:
             await self.target.fn(msg)
-        except asyncio.CancelledError:
-            self.cancelled += 1  # the grace period ran out: left pending, delivered again
-            raise
-        except Exception as exc:
-            self.failed += 1
-            last = msg.deliveries >= self.spec.max_deliveries
-            event(
-                log,
-                logging.WARNING,
-                "handler_failed",
-                channel=msg.channel,
-                id=msg.id,
-                delivery=msg.deliveries,
-                max_deliveries=self.spec.max_deliveries,
-                then="dead letter" if last else "retry",
-                error=type(exc).__name__,
-                detail=str(exc)[:300],
-            )
-            # nack here rather than re-raise, so the failure is logged once, with these
-            # fields; consume()'s ack after our return is then a no-op (already settled)
-            msg.nack(error=exc)
-            return
-        self.processed += 1
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                self.cancelled += 1  # the grace period ran out: left pending, delivered again
+                raise
+            self._failed(msg, exc)  # the handler cancelled itself: a failure like any other
+        except BaseException as exc:  # SystemExit too: a handler never ends the worker
+            self._failed(msg, exc)
+        else:
+            self.processed += 1
+
+    def _failed(self, msg: broker.Message[Any], exc: BaseException) -> None:
+        self.failed += 1
+        last = msg.deliveries >= self.spec.max_deliveries
+        event(
+            log,
+            logging.WARNING,
+            "handler_failed",
+            channel=msg.channel,
+            id=msg.id,
+            delivery=msg.deliveries,
+            max_deliveries=self.spec.max_deliveries,
+            then="dead letter" if last else "retry",
+            error=type(exc).__name__,
+            detail=str(exc)[:300],
+        )
+        # nack here rather than re-raise, so the failure is logged once, with these fields;
+        # consume()'s ack after our return is then a no-op (already settled)
+        msg.nack(error=exc)
 
 
 class Generator:

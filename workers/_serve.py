@@ -92,6 +92,8 @@ class _Slot:
         self.forced: int | None = None
         self.force = asyncio.Event()
         self.runner: Runner | None = None
+        #: this slot is its process (it may end it with os._exit when a handler hangs)
+        self.owns_process = False
 
     def on_signal(self, sig: signal.Signals) -> None:
         if not self.stop.stopped:
@@ -182,6 +184,7 @@ async def serve(
     :raises BrokerError: (or the handler's error, for a producer) if the worker failed.
     """
     s = _Slot(spec, slot)
+    s.owns_process = install_signals
     remove_parent = stop.on_stop(lambda t: s.stop.stop(t.reason or "stopped")) if stop else None
     loop = asyncio.get_running_loop()
     sigs = (signal.SIGTERM, signal.SIGINT) if install_signals else ()
@@ -257,6 +260,11 @@ async def _serve(
                 await runner.run(on_ready, s.stop.token, hurry)
             except Exception as exc:  # reported (and raised) below, after the cleanup
                 failure.append(exc)
+                return
+            if spec.kind == "consume" and not s.stop.stopped:
+                # a consumer only ends when stopped: ending otherwise is a failure (the
+                # supervisor restarts the slot), never a quiet "done"
+                failure.append(BrokerError("the subscription ended without a stop"))
 
         async with asyncio.TaskGroup() as tg:
             beat = tg.create_task(heart.run(), name=f"{s.wid} heartbeat")
@@ -291,6 +299,19 @@ async def _serve(
                         )
                     hurry.set()
                     await asyncio.wait({job}, timeout=CLOSE_DEADLINE)
+                    if not job.done() and s.owns_process:
+                        # a handler ignores cancellation: nothing more can be sent or released;
+                        # its message stays pending (delivered again), so end the process now
+                        code = ExitCode.GRACE_EXPIRED if s.forced is None else s.forced + 128
+                        event(
+                            log,
+                            logging.ERROR,
+                            "stuck",
+                            detail="a handler ignores cancellation",
+                            exit=code,
+                        )
+                        logging.shutdown()
+                        os._exit(code)
             finally:
                 for task in (job, stopped, forced, beat):
                     await cancel_and_wait(task)

@@ -217,7 +217,9 @@ class Supervisor:
                 event(log, logging.WARNING, "forced", signal=signal.Signals(self._force).name)
                 for proc in live.values():
                     if proc.poll() is None:
-                        proc.send_signal(signal.SIGTERM)  # their second signal: a fast exit
+                        # their second signal: a fast exit. SIGINT, not SIGTERM again: two
+                        # SIGTERMs sent close together can merge into one pending signal
+                        proc.send_signal(signal.SIGINT)
                 deadline = min(deadline, now + FORCE_DEADLINE + 1)
             if now >= deadline:
                 for slot, proc in live.items():
