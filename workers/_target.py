@@ -63,6 +63,10 @@ def load_target(target: str) -> Callable[..., Any]:
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
         raise ConfigurationError(f"cannot load {target!r}: {exc}") from exc
+    except Exception as exc:  # the module raised while importing (a SyntaxError included)
+        raise ConfigurationError(
+            f"cannot load {target!r}: importing it raised {type(exc).__name__}: {exc}"
+        ) from exc
     if not callable(obj):
         raise ConfigurationError(f"{target!r} is not callable")
     return obj  # type: ignore[no-any-return]

@@ -191,6 +191,10 @@ async def test_example_producer_and_consumer_pass_every_order(
         ([f"{H}:record", "--group", "g"], "give at least one --channel"),
         ([], "missing MODULE:HANDLER"),
         (["no.such.module:fn", "--channel", "a", "-g", "g"], "cannot load 'no.such.module:fn'"),
+        (
+            ["tests.helpers.broken_at_import:fn", "--channel", "a", "-g", "g"],
+            "importing it raised RuntimeError: this module fails at import",
+        ),
         ([f"{H}:record", "--channel", "a b", "-g", "g"], "invalid channel name"),
         ([f"{H}:record", "--channel", "a", "-g", "g", "--log-format", "xml"], "'xml' is not"),
     ],
