@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import re
+import socket
 
 from ._errors import ConfigurationError
 
-__all__ = ["channel_key", "check_channel", "check_group", "dead_key", "semaphore_key"]
+__all__ = [
+    "channel_key",
+    "check_channel",
+    "check_group",
+    "dead_key",
+    "host_label",
+    "semaphore_key",
+]
+
+
+def host_label(host: str | None = None) -> str:
+    """``host`` (or the machine's hostname) reduced to ``[A-Za-z0-9_.-]``, at most 60 long: the
+    host part of consumer names and worker ids."""
+    raw = host or socket.gethostname()
+    return re.sub(r"[^A-Za-z0-9_.\-]", "-", raw)[:60] or "host"
+
 
 MAX_NAME = 200
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:/@+=\-]+$")

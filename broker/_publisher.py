@@ -96,9 +96,7 @@ class Publisher:
                 (result,) = await send_batch(self._wire, [item], self._deadline)
             finally:
                 self._release()
-            self._batches += 1
-            self._published += 1
-            self._largest = max(self._largest, 1)
+            self._count(1)
             if isinstance(result, BaseException):
                 raise result
             return result
@@ -130,11 +128,19 @@ class Publisher:
         self._in_flight -= 1
         self._slot_free.set()
 
-    async def wait_idle(self) -> None:
-        """Wait until no pipeline is on the wire (direct sends run in the callers' tasks)."""
-        while self._in_flight:
+    def _count(self, n: int) -> None:
+        self._batches += 1
+        self._published += n
+        self._largest = max(self._largest, n)
+
+    async def _in_flight_below(self, limit: int) -> None:
+        while self._in_flight >= limit:
             self._slot_free.clear()
             await self._slot_free.wait()
+
+    async def wait_idle(self) -> None:
+        """Wait until no pipeline is on the wire (direct sends run in the callers' tasks)."""
+        await self._in_flight_below(1)
 
     def close(self) -> None:
         """Refuse new publishes; :meth:`run` sends what was accepted, then returns."""
@@ -144,9 +150,7 @@ class Publisher:
 
     async def _drain(self, pipelines: asyncio.TaskGroup) -> None:
         while self._queue:
-            while self._in_flight >= self._max_pipelines:
-                self._slot_free.clear()
-                await self._slot_free.wait()
+            await self._in_flight_below(self._max_pipelines)
             if not self._queue:
                 return
             self._in_flight += 1
@@ -167,9 +171,7 @@ class Publisher:
             raise
         finally:
             self._release()
-        self._batches += 1
-        self._published += len(batch)
-        self._largest = max(self._largest, len(batch))
+        self._count(len(batch))
         for (_, fut), result in zip(batch, ids, strict=True):
             if fut.done():
                 continue

@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -38,7 +37,7 @@ from ._errors import (
     map_redis_errors,
 )
 from ._message import Message
-from ._names import check_group
+from ._names import check_group, host_label
 from ._resource import AsyncResource, cancel_and_wait
 from ._retry import Backoff, retrying
 from ._scripts import DEAD_LETTER, PRUNE_CONSUMER
@@ -60,8 +59,7 @@ _Key = tuple[str, str]  # (channel name, entry id)
 def default_consumer_name() -> str:
     """``<host>-<pid>``: unique per process. Pass a stable name per worker slot to have a
     restarted process replay its own pending entries at once."""
-    host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:100] or "host"
-    return f"{host}-{os.getpid()}"
+    return f"{host_label()}-{os.getpid()}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,29 +305,20 @@ class Subscription(AsyncResource, Generic[T]):
         return self
 
     async def __anext__(self) -> Message[T]:
-        buffer = self._buffer
-        if buffer and not self._stopped:  # the hot path: one message in hand already
-            msg = buffer.popleft()
-            self._inflight[msg] = True
-            return msg
-        if not self._entered:
-            raise ClosedError("enter the subscription first: `async with ch.subscribe(...) as m`")
         while True:
-            taken = self._take()
-            if taken is not None:
-                return taken
+            if self._buffer and not self._stopped:  # the hot path: a message in hand already
+                msg = self._buffer.popleft()
+                self._inflight[msg] = True
+                return msg
+            if not self._entered:
+                raise ClosedError(
+                    "enter the subscription first: `async with ch.subscribe(...) as m`"
+                )
             if self._error is not None:
                 raise self._error
             if self._stopped:
                 raise StopAsyncIteration
             await self._wait_readable(None)
-
-    def _take(self) -> Message[T] | None:
-        if self._stopped or not self._buffer:
-            return None
-        msg = self._buffer.popleft()
-        self._inflight[msg] = True
-        return msg
 
     def chunks(self, size: int, *, timeout: float | None = None) -> AsyncIterator[list[Message[T]]]:
         """Batches of at most ``size`` messages: emitted when full, or ``timeout`` seconds after
@@ -767,29 +756,7 @@ class Subscription(AsyncResource, Generic[T]):
         """
         if not counted:  # new entries: delivered for the first time, never held
             buffer, before, bad = self._buffer, len(self._buffer), False
-            name, decode, limit = ch.name, fast_decoder(ch.codec), ch.broker.settings.max_payload
             for raw_id, fields in entries:
-                # the hot path, as decode_entry's first branch: what publish() writes
-                if fields and len(fields) == 2 and fields[0] == b"d" and len(fields[1]) <= limit:
-                    try:
-                        data = decode(fields[1])
-                    except Exception:  # decode_entry below reports it
-                        pass
-                    else:
-                        buffer.append(
-                            Message(
-                                raw_id.decode(),
-                                name,
-                                data,
-                                {},
-                                1,
-                                False,
-                                None,
-                                {b"d": fields[1]},
-                                self,
-                            )
-                        )
-                        continue
                 msg = decode_entry(ch, raw_id.decode(), fields, 1, self)
                 if msg.error is None and fields:
                     buffer.append(msg)
@@ -1073,7 +1040,7 @@ def decode_entry(
             payload = fields[1]
             if len(payload) <= ch.broker.settings.max_payload:
                 try:
-                    data = ch.codec.decode(payload)
+                    data = fast_decoder(ch.codec)(payload)
                 except Exception:  # the general path below reports it
                     pass
                 else:

@@ -2,10 +2,10 @@
 
 redis-py's generic path costs several microseconds per command (argument encoding, a timeout
 context per reply, response callbacks). ``XADD``, ``XREADGROUP`` and ``XACK`` carry every
-message, so they are packed here and sent on a pooled connection of the same client: the
-connection, its TLS/auth/reconnect handling and the error types stay redis-py's. Replies come
-back as the parser gives them (RESP2 arrays of bytes), and server errors come back as values, as
-in a pipeline.
+message, so they are packed here and sent on connections of redis-py's own class and settings
+(TLS, auth, handshake and error types stay redis-py's; see :class:`Wire`). Replies come back as
+the parser gives them (RESP2 arrays or RESP3 maps of bytes), and server errors come back as
+values, as in a pipeline.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import socket
 from typing import Any, Literal
 
 from broker import ConfigurationError
 from broker._names import check_channel, check_group
+from broker._names import host_label as this_host
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "SPEC_ENV", "WorkerSpec", "this_host"]
 
@@ -18,12 +18,6 @@ SPEC_ENV = "BROKER_WORKER_SPEC"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-
-
-def this_host(host: str | None = None) -> str:
-    """``host`` (or the machine's hostname) reduced to ``[A-Za-z0-9_.-]``, at most 60 long."""
-    raw = host or socket.gethostname()
-    return re.sub(r"[^A-Za-z0-9_.\-]", "-", raw)[:60] or "host"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 from broker._server import die_with_parent
 
@@ -188,17 +189,7 @@ class Supervisor:
             self.restarts[slot] += 1
             delay = min(self.max_backoff, self.backoff * 2 ** min(self.restarts[slot] - 1, 30))
             self._next_start[slot] = now + delay
-            event(
-                log,
-                logging.WARNING,
-                "child_exited",
-                slot=slot,
-                child_pid=proc.pid,
-                code=code,
-                meaning=describe_exit(code),
-                restart=True,
-                restart_in=round(delay, 3),
-            )
+            _exited(slot, proc, code, restart_in=round(delay, 3))
 
     def _shutdown(self, reason: str) -> int:
         """SIGTERM every child, wait for them (a second signal: hurry, then SIGKILL)."""
@@ -234,16 +225,7 @@ class Supervisor:
             if code == -signal.SIGTERM and proc in running:
                 code = ExitCode.OK  # our SIGTERM came before it had set up: nothing was running
             self.finished[slot] = code
-            event(
-                log,
-                logging.INFO,
-                "child_exited",
-                slot=slot,
-                child_pid=proc.pid,
-                code=code,
-                meaning=describe_exit(code),
-                restart=False,
-            )
+            _exited(slot, proc, code)
         self.children.clear()
         for slot, code in self.crashed.items():
             # stopped while waiting for its restart: the slot's last word was a crash
@@ -271,3 +253,18 @@ class Supervisor:
             slots={s: self.finished[s] for s in sorted(self.finished)},
         )
         return code
+
+
+def _exited(slot: int, proc: subprocess.Popen[bytes], code: int, **restart: Any) -> None:
+    """Log a child's exit; ``restart_in`` (seconds) when it is restarted."""
+    event(
+        log,
+        logging.WARNING if restart else logging.INFO,
+        "child_exited",
+        slot=slot,
+        child_pid=proc.pid,
+        code=code,
+        meaning=describe_exit(code),
+        restart=bool(restart),
+        **restart,
+    )
