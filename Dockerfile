@@ -1,6 +1,6 @@
 # The worker image: the `broker` CLI (library, worker runtime, example workers) on Python 3.11.
 #   docker build -t broker .
-#   docker run --rm -e BROKER_URL=redis://host:6379/0 broker worker workers.examples:process_order --channel orders --group fulfilment
+#   docker run --rm -e BROKER_URL=redis://host:6379/0 broker worker broker.workers.examples:process_order --channel orders --group fulfilment
 # compose.yaml builds it for its producer, consumer and tail services.
 FROM python:3.11-slim
 

@@ -1,6 +1,6 @@
-"""``python -m cli`` runs the ``broker`` command."""
+"""``python -m broker.cli`` runs the ``broker`` command."""
 
-from cli.main import main
+from broker.cli.main import main
 
 if __name__ == "__main__":
     main()

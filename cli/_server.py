@@ -61,7 +61,7 @@ def server(ctx: click.Context, port: int, bind: str) -> None:
 def demo(config: Config) -> None:
     """The example workers passing 30 orders: `broker worker` with a producer and a consumer
     of three processes, on --url/BROKER_URL or on a private redis-server started for it."""
-    from workers.demo import main as run_demo
+    from broker.workers.demo import main as run_demo
 
     code = run_demo(config.url)
     if code:

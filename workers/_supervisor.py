@@ -1,6 +1,6 @@
 """Run a worker in N processes on this host: restart crashed slots, stop them all gracefully.
 
-Each slot is a child process (``python -m workers.child NAME SLOT``, the spec in
+Each slot is a child process (``python -m broker.workers.child NAME SLOT``, the spec in
 ``$BROKER_WORKER_SPEC``) in its own process group (a Ctrl-C on the terminal reaches only the
 supervisor, which forwards one SIGTERM), with a consumer name stable per slot, so a slot
 restarted after a crash replays its own pending messages at once. What a child's exit status
@@ -141,7 +141,7 @@ class Supervisor:
     def _spawn(self, slot: int) -> None:
         # the spec travels in the environment, not argv: its URL may hold a password, and
         # argv is readable by every user of the host
-        argv = [sys.executable, "-m", "workers.child", self.spec.name, str(slot)]
+        argv = [sys.executable, "-m", "broker.workers.child", self.spec.name, str(slot)]
         env = {**os.environ, SPEC_ENV: self.spec.to_json()}
         proc = subprocess.Popen(argv, env=env, preexec_fn=die_with_parent, process_group=0)
         self.children[slot] = proc

@@ -1,4 +1,5 @@
-"""One supervised worker process: ``python -m workers.child NAME SLOT``, spec in the environment.
+"""One supervised worker process: ``python -m broker.workers.child NAME SLOT``, its spec in
+the environment.
 
 The spec (JSON) is in ``$BROKER_WORKER_SPEC``; NAME is only there for ``ps``.
 

@@ -1,12 +1,13 @@
 """The demo: the example workers passing 30 orders, on a real server.
 
 Runs what a user would type, as processes: a consumer worker with three slots
-(``broker worker workers.examples:process_order --channel orders --group billing -p 3 -c 2``),
-then a producer (``broker worker workers.examples:orders --channel orders`` with
+(``broker worker broker.workers.examples:process_order --channel orders --group billing
+-p 3 -c 2``),
+then a producer (``broker worker broker.workers.examples:orders --channel orders`` with
 ``ORDERS_COUNT=30``), shows ``broker workers``, and stops the consumer with SIGTERM.
 
-``broker demo`` (or ``python -m workers.demo``) uses ``$BROKER_URL`` when set, otherwise it starts
-a private ``redis-server`` for the duration of the demo and stops it afterwards.
+``broker demo`` (or ``python -m broker.workers.demo``) uses ``$BROKER_URL`` when set, otherwise it
+starts a private ``redis-server`` for the duration of the demo and stops it afterwards.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class _Demo:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "cli.main",
+            "broker.cli.main",
             "--url",
             self.url,
             "--namespace",
@@ -90,7 +91,7 @@ class _Demo:
             broker.connect(self.url, namespace=self.namespace) as b,
             self.broker(
                 "worker",
-                "workers.examples:process_order",
+                "broker.workers.examples:process_order",
                 "--channel",
                 "orders",
                 "--group",
@@ -110,7 +111,7 @@ class _Demo:
             await _until(lambda: _running(b, 3), consumer)
             async with self.broker(
                 "worker",
-                "workers.examples:orders",
+                "broker.workers.examples:orders",
                 "--channel",
                 "orders",
                 env={"ORDERS_COUNT": str(ORDERS), "ORDERS_RATE": "30"},

@@ -1,7 +1,7 @@
 """Example workers, for the README demo and compose.yaml::
 
-    broker worker workers.examples:orders --channel orders
-    broker worker workers.examples:process_order --channel orders --group billing -p 2 -c 4
+    broker worker broker.workers.examples:orders --channel orders
+    broker worker broker.workers.examples:process_order --channel orders --group billing -p 2 -c 4
 
 Configured by environment variables (read when the worker starts):
 

@@ -1,4 +1,4 @@
-"""A consumer process of the benchmark: ``python -m cli._bench.child MODE ...``.
+"""A consumer process of the benchmark: ``python -m broker.cli._bench.child MODE ...``.
 
 ``memory``: consume a backlog with a slow handler for some seconds, sampling the resident set
 size; prints one JSON line (idle and peak RSS, most messages held at once).
@@ -114,7 +114,7 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cli._bench.child")
+    parser = argparse.ArgumentParser(prog="python -m broker.cli._bench.child")
     parser.add_argument("mode", choices=["memory", "drain"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--namespace", required=True)

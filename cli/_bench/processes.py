@@ -1,4 +1,4 @@
-"""Scenarios that run consumers as separate processes (``cli._bench.child``): the memory of a
+"""Scenarios that run consumers as separate processes (``broker.cli._bench.child``): the memory of a
 consumer facing a large backlog, and throughput with 1, 2, 4 consumer processes in one group."""
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def child_argv(
     mode: str, url: str, namespace: str, channel: str, group: str, **opts: Any
 ) -> list[str]:
-    argv = [sys.executable, "-m", "cli._bench.child", mode, "--url", url, "--namespace", namespace]
+    argv = [
+        sys.executable,
+        "-m",
+        "broker.cli._bench.child",
+        mode,
+        "--url",
+        url,
+        "--namespace",
+        namespace,
+    ]
     argv += ["--channel", channel, "--group", group]
     for name, value in opts.items():
         flag = "--" + name.replace("_", "-")

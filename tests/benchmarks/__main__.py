@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from broker import EmbeddedServer
-from cli.main import cli
+from broker.cli.main import cli
 
 
 def main(argv: list[str]) -> None:

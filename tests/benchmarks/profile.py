@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import broker
-from cli._bench import library, raw
-from cli._bench.common import Run, fresh_name, redis_client, unlink_namespace, use_uvloop
+from broker.cli._bench import library, raw
+from broker.cli._bench.common import Run, fresh_name, redis_client, unlink_namespace, use_uvloop
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("publish", "publish_many", "iterate", "chunks", "consume")

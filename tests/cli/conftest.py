@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from cli.main import cli
+from broker.cli.main import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT = 20  # seconds, for every subprocess
@@ -51,7 +51,7 @@ class Done:
 
 
 def argv(url: str, namespace: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", "--url", url, "--namespace", namespace, *args]
+    return [sys.executable, "-m", "broker.cli.main", "--url", url, "--namespace", namespace, *args]
 
 
 async def spawn(*argv: str, stdin: int = asyncio.subprocess.DEVNULL) -> asyncio.subprocess.Process:
@@ -84,7 +84,7 @@ async def interrupt(proc: asyncio.subprocess.Process) -> Done:
 
 @pytest.fixture
 def sh(redis_url: str, namespace: str) -> Callable[..., Awaitable[Done]]:
-    """``await sh("tail", name, input=b"...")``: ``python -m cli.main`` as a real process."""
+    """``await sh("tail", name, input=b"...")``: ``python -m broker.cli.main`` as a real process."""
 
     async def call(*args: str, input: bytes | None = None, url: str | None = None) -> Done:
         stdin = asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from broker import Message
-from cli._format import check_template, duration, jsonable, message_record, table
+from broker.cli._format import check_template, duration, jsonable, message_record, table
 
 
 def test_jsonable_makes_bytes_explicit():

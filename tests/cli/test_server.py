@@ -1,4 +1,4 @@
-"""``broker server`` in the foreground, ``broker demo``, and ``python -m cli``."""
+"""``broker server`` in the foreground, ``broker demo``, and ``python -m broker.cli``."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ async def test_demo(redis_url):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "cli.main",
+        "broker.cli.main",
         "--url",
         redis_url,
         "demo",

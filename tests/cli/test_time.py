@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cli._time import parse_position, to_id
+from broker.cli._time import parse_position, to_id
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 

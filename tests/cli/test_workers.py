@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 import broker
+from broker.workers import list_workers
 from tests.cli.conftest import ENV, ROOT, TIMEOUT, Done, argv, assert_clean, finish
 from tests.conftest import compare_ids
-from workers import list_workers
 
 H = "tests.helpers.handlers"
 
@@ -66,7 +66,7 @@ async def test_consumer_runs_lists_checks_logs_json_and_stops_on_sigterm(
         redis_url,
         namespace,
         "worker",
-        "workers.examples:print_message",
+        "broker.workers.examples:print_message",
         "--channel",
         name,
         "--group",
@@ -137,7 +137,7 @@ async def test_example_producer_and_consumer_pass_every_order(
         redis_url,
         namespace,
         "worker",
-        "workers.examples:orders",
+        "broker.workers.examples:orders",
         "--channel",
         name,
         env={"ORDERS_COUNT": "25", "ORDERS_RATE": "0"},
@@ -152,7 +152,7 @@ async def test_example_producer_and_consumer_pass_every_order(
         redis_url,
         namespace,
         "worker",
-        "workers.examples:process_order",
+        "broker.workers.examples:process_order",
         "--channel",
         name,
         "--group",

@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 import broker
+from broker.workers import list_workers
 from tests.cli.test_workers import events, start, stop, until
-from workers import list_workers
 
 HERE = "tests.cli.test_workers_edges"
 

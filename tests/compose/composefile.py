@@ -189,7 +189,7 @@ def parse_cli(args: list[str]) -> tuple[list[str], click.Context]:
 
     :raises click.UsageError: on an unknown command or option, or a bad value.
     """
-    from cli.main import cli
+    from broker.cli.main import cli
 
     if args and args[0].startswith("-"):
         raise click.UsageError(

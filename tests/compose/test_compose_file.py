@@ -201,19 +201,26 @@ def test_the_worker_image_is_built_from_this_repository() -> None:
 
 def test_the_image_sources_build_the_distribution(tmp_path: Path) -> None:
     """Exactly what the Dockerfile copies (less what .dockerignore drops) builds a wheel with
-    the three packages and the ``broker`` command: ``pip install .`` in the image works."""
+    the library, the CLI and the worker runtime under ``broker`` and the ``broker`` command:
+    ``pip install .`` in the image works."""
     ignored = dockerignore_patterns()
     context = tmp_path / "context"
     context.mkdir()
     for source in Dockerfile(ROOT / "Dockerfile").copy_sources():
         src = ROOT / source
-        files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
+        # as docker COPY does: links are copied as links (broker/cli -> ../cli)
+        files = (
+            [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file() or p.is_symlink()]
+        )
         for f in files:
             rel = f.relative_to(ROOT).as_posix()
             if dockerignored(rel, ignored):
                 continue
             (context / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, context / rel)
+            if f.is_symlink():
+                (context / rel).symlink_to(f.readlink())
+            else:
+                shutil.copy2(f, context / rel)
     out = tmp_path / "wheel"
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
@@ -226,9 +233,9 @@ def test_the_image_sources_build_the_distribution(tmp_path: Path) -> None:
         names = set(z.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = z.read(entry_points).decode()
-    for module in ("broker/__init__.py", "workers/__init__.py", "cli/main.py"):
+    for module in ("broker/__init__.py", "broker/workers/__init__.py", "broker/cli/main.py"):
         assert module in names, f"{module} missing from the image's distribution"
-    assert "broker = cli.main:main" in scripts, scripts
+    assert "broker = broker.cli.main:main" in scripts, scripts
 
 
 def _arguments() -> list[tuple[str, str, list[str]]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from workers import Supervisor, WorkerSpec, configure_logging
+from broker.workers import Supervisor, WorkerSpec, configure_logging
 
 if __name__ == "__main__":
     spec = WorkerSpec.from_json(sys.argv[1])

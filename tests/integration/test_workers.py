@@ -20,9 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import broker
-from tests.conftest import compare_ids
-from tests.helpers import handlers
-from workers import (
+from broker.workers import (
     ExitCode,
     Supervisor,
     WorkerSpec,
@@ -32,6 +30,8 @@ from workers import (
     serve,
     this_host,
 )
+from tests.conftest import compare_ids
+from tests.helpers import handlers
 
 ROOT = Path(__file__).resolve().parents[2]
 H = "tests.helpers.handlers"

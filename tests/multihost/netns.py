@@ -105,7 +105,7 @@ class NamespacedServer(EmbeddedServer):
 
 
 def broker_cli() -> list[str]:
-    """The ``broker`` console script of this interpreter's environment (else ``-m cli``)."""
+    """The ``broker`` console script of this interpreter's environment (else ``-m broker.cli``)."""
     script = Path(sys.executable).with_name("broker")
     return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 

@@ -33,7 +33,7 @@ GROUP = "g"
 CLAIM_IDLE = 2.0
 #: seconds between worker heartbeats (one expires after three): --check notices a death fast
 HEARTBEAT = 0.5
-PRODUCER = "workers.examples:orders"
+PRODUCER = "broker.workers.examples:orders"
 RECORD = "tests.helpers.receipts:record"
 
 

@@ -15,10 +15,12 @@ def test_public_names() -> None:
 
 
 def test_library_does_not_import_applications() -> None:
+    """``broker/`` is the library; ``broker.cli`` and ``broker.workers`` (the top-level ``cli/``
+    and ``workers/`` folders, linked into the package) are applications on top of it."""
     import pathlib
 
     root = pathlib.Path(broker.__file__).parent
     for path in root.glob("*.py"):
         text = path.read_text()
-        assert "import workers" not in text and "from workers" not in text, path
-        assert "import cli" not in text and "from cli" not in text, path
+        for app in ("workers", "cli"):
+            assert f"broker.{app}" not in text and f"from .{app}" not in text, (path, app)
