@@ -25,6 +25,7 @@ from ._errors import (
     ConfigurationError,
     ConnectionLostError,
     GroupMissingError,
+    PermissionDeniedError,
     RedisCommandError,
     WrongTypeError,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "Message",
     "MsgpackCodec",
     "PendingEntry",
+    "PermissionDeniedError",
     "PublisherStatistics",
     "RawCodec",
     "RedisCommandError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -14,11 +15,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ._codec import Codec
-from ._errors import ClosedError, ConnectionLostError, map_redis_errors
+from ._errors import ClosedError, ConfigurationError, ConnectionLostError, map_redis_errors
 from ._names import channel_from_key, channel_key
 from ._publisher import Publisher
 from ._resource import AsyncResource, cancel_and_wait
 from ._retry import retrying
+from ._server import MIN_REDIS
 from ._settings import Settings
 from ._wire import Wire
 
@@ -67,6 +69,8 @@ class Broker(AsyncResource):
         self._publisher_task: asyncio.Task[None] | None = None
         self._hub: StopHub | None = None
         self._clock_offset_ms = 0
+        #: the ``redis_version`` the server reported when the broker connected
+        self.server_version = ""
         self._closed = False
 
     def __repr__(self) -> str:
@@ -83,7 +87,7 @@ class Broker(AsyncResource):
                 decode_responses=False,
                 socket_connect_timeout=s.connect_timeout,
                 # a dead peer must not hang a read forever; blocking reads stay far below this
-                socket_timeout=max(15.0, 3 * s.connect_timeout),
+                socket_timeout=s.stall_timeout,
                 health_check_interval=15,
                 # reconnects are ours: after one, subscriptions replay their pending entries
                 retry=Retry(NoBackoff(), 0),
@@ -93,16 +97,24 @@ class Broker(AsyncResource):
         stack = contextlib.AsyncExitStack()
         try:
             stack.push_async_callback(self._redis.aclose)
+            # one bound for connecting, the handshake and the first answers: a stopped server
+            # still completes the TCP connect, and would otherwise hold us for the stall timeout
+            opening = 2 * s.connect_timeout
             try:
                 with map_redis_errors():
-                    await self._measure_clock()
+                    try:
+                        async with asyncio.timeout(opening):
+                            await self._measure_clock()
+                            await self._check_version()
+                    except TimeoutError:
+                        raise ConnectionLostError(
+                            f"no answer within {opening:g}s (a stalled server?)"
+                        ) from None
             except ConnectionLostError as exc:
                 raise type(exc)(f"cannot connect to {s.safe_url}: {_cause(exc)}") from exc.__cause__
-            self._wire = Wire(self._redis, timeout=max(15.0, 3 * s.connect_timeout))
+            self._wire = Wire(self._redis, timeout=s.stall_timeout)
             stack.push_async_callback(self._wire.aclose)
-            self._publisher = Publisher(
-                self._wire, reconnect_deadline=s.reconnect_deadline, **self._publisher_options
-            )
+            self._publisher = Publisher(self._wire, retry=s.retry, **self._publisher_options)
             self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._publisher_task = self._tasks.create_task(
                 self._publisher.run(), name="broker-publisher"
@@ -141,6 +153,20 @@ class Broker(AsyncResource):
         after = time.time()
         self._clock_offset_ms = int(sec) * 1000 + int(usec) // 1000 - int((before + after) * 500)
 
+    async def _check_version(self) -> None:
+        """Refuse servers older than Redis 7.0 with a sentence, not with odd failures later."""
+        assert self._redis is not None
+        info = await self._redis.info("server")
+        version = str(info.get("redis_version", "0"))
+        parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+        self.server_version = version
+        if parts < MIN_REDIS:
+            raise ConfigurationError(
+                f"the server at {self.settings.safe_url} runs Redis {version}; broker needs "
+                f"Redis >= {MIN_REDIS[0]}.{MIN_REDIS[1]} or Valkey >= 7.2 (XAUTOCLAIM, XINFO "
+                "lag, sharded pub/sub)"
+            )
+
     def server_time_ms(self) -> int:
         """The server's clock, in ms, as estimated when the broker connected."""
         return int(time.time() * 1000) + self._clock_offset_ms
@@ -177,7 +203,7 @@ class Broker(AsyncResource):
     async def call(self, fn: Any, channel: str | None = None) -> Any:
         """Run one redis call with reconnects until the deadline and errors mapped."""
         key = None if channel is None else channel_key(self.namespace, channel)
-        return await retrying(fn, self.settings.reconnect_deadline, channel, key)
+        return await retrying(fn, self.settings.retry, channel, key)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Start a task owned by this broker (cancelled when it closes)."""

@@ -31,6 +31,8 @@ __all__ = ["Channel", "ChannelInfo", "ConsumerInfo", "DeadLetter", "GroupInfo", 
 T = TypeVar("T")
 DEAD_PREFIX = b"dead."
 _LAG_TTL = 0.05
+#: ``info()`` counts a group's lag itself up to this many entries when Redis cannot tell
+_INFO_LAG_LIMIT = 10_000
 _FULL_ID = re.compile(r"^\d+-\d+$")
 #: idle seconds beyond which a pending entry counts as released (see Subscription.aclose)
 RELEASED_IDLE = 10**8  # seconds a measured lag is trusted before publish asks again
@@ -42,7 +44,8 @@ class GroupInfo:
     consumers: int
     pending: int
     last_delivered_id: str
-    #: entries not yet delivered to the group; None when Redis cannot tell (see ``Channel.lag``)
+    #: entries not yet delivered to the group (counted where Redis cannot tell); None only when
+    #: Redis cannot tell and more than 10,000 entries follow the group's position
     lag: int | None
 
 
@@ -190,7 +193,7 @@ class Channel(Generic[T]):
     async def _send(self, chunk: list[XAdd]) -> list[str]:
         if self.max_lag is not None:
             await self._wait_for_room(len(chunk))
-        results = await send_batch(self.broker.wire, chunk, self.broker.settings.reconnect_deadline)
+        results = await send_batch(self.broker.wire, chunk, self.broker.settings.retry)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -277,6 +280,10 @@ class Channel(Generic[T]):
         stream, groups, dead = await self.broker.call(fetch, self.name)
         if stream is None:
             return ChannelInfo(self.name, 0, None, None, [], dead)
+        for g in groups:
+            if g.get("lag") is None:  # Redis cannot tell (after deletions): count, bounded
+                after = await self._count_after(_s(g["last-delivered-id"]), _INFO_LAG_LIMIT + 1)
+                g["lag"] = after if after <= _INFO_LAG_LIMIT else None
         first = stream.get("first-entry")
         last = stream.get("last-entry")
         return ChannelInfo(
@@ -320,14 +327,15 @@ class Channel(Generic[T]):
                 lag = g.get("lag")
                 if lag is None:
                     limit = (self.max_lag or 9_999) + 1
-                    after = await r.xrange(
-                        self.key, min=f"({_s(g['last-delivered-id'])}", count=limit
-                    )
-                    lag = len(after)
+                    lag = await self._count_after(_s(g["last-delivered-id"]), limit)
                 worst = max(worst, int(lag))
             return worst
 
         return int(await self.broker.call(measure, self.name))
+
+    async def _count_after(self, last_id: str, limit: int) -> int:
+        """Entries after ``last_id``, counting at most ``limit`` (one bounded ``XRANGE``)."""
+        return len(await self.broker.redis.xrange(self.key, min=f"({last_id}", count=limit))
 
     # -- groups -------------------------------------------------------------------------------
 

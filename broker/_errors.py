@@ -11,6 +11,7 @@
     │   ├── WrongTypeError          the key under the channel's name is not a stream
     │   └── ChannelFullError        a bounded channel is over its lag limit (on_full="raise")
     ├── ClosedError                 a broker or subscription was used after it was closed
+    ├── PermissionDeniedError       the ACL user may not run that command, key or channel
     └── RedisCommandError           any other error the server answered with
 
 Every error raised by ``broker`` is a ``BrokerError``; errors of redis-py never leak out of the
@@ -22,6 +23,7 @@ a tail hands it out with ``message.error`` set.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import redis.exceptions as rex
@@ -35,6 +37,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionLostError",
     "GroupMissingError",
+    "PermissionDeniedError",
     "RedisCommandError",
     "WrongTypeError",
     "map_redis_errors",
@@ -97,6 +100,11 @@ class ClosedError(BrokerError):
     """An object was used after it was closed."""
 
 
+class PermissionDeniedError(BrokerError):
+    """The server refused a command, a key or a pub/sub channel to this ACL user (``NOPERM``);
+    the connection itself is fine, so this is never retried."""
+
+
 class RedisCommandError(BrokerError):
     """The server answered a command with an error that has no more specific class."""
 
@@ -111,8 +119,13 @@ def map_redis_errors(channel: str | None = None, key: str | None = None) -> Iter
             f"authentication failed: {exc}; check the username and password in the URL"
         ) from exc
     except rex.ResponseError as exc:
-        text = str(exc)
-        if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
+        text = _unannotated(str(exc))
+        if isinstance(exc, rex.NoPermissionError) or text.startswith("NOPERM"):
+            raise PermissionDeniedError(
+                f"permission denied: {text}; grant that command, key or channel to the ACL user "
+                "(ACL SETUSER) or connect as another user"
+            ) from exc
+        if text.startswith(("WRONGPASS", "NOAUTH")):
             raise AuthenticationError(
                 f"authentication failed: {text}; check the username and password in the URL"
             ) from exc
@@ -123,3 +136,15 @@ def map_redis_errors(channel: str | None = None, key: str | None = None) -> Iter
         raise ConnectionLostError(f"cannot reach the server: {exc}") from exc
     except rex.RedisError as exc:
         raise RedisCommandError(str(exc)) from exc
+
+
+_ANNOTATION = re.compile(r"^Command # \d+ \((\S+).*?\) of pipeline caused error: (.*)$", re.DOTALL)
+
+
+def _unannotated(text: str) -> str:
+    """redis-py prefixes an error inside a pipeline with the whole command, arguments included
+    (raw payload bytes, say): keep the server's words and the command's name only."""
+    m = _ANNOTATION.match(text)
+    if m is None:
+        return text
+    return f"{m.group(2)} (in {m.group(1).upper()})"

@@ -8,7 +8,7 @@ import dataclasses
 import functools
 
 from ._errors import ClosedError, map_redis_errors
-from ._retry import retrying
+from ._retry import RetryPolicy, retrying_bounded
 from ._wire import Wire, bulk, pack
 
 __all__ = ["PublisherStatistics", "Publisher", "XAdd"]
@@ -49,7 +49,7 @@ class Publisher:
         self,
         wire: Wire,
         *,
-        reconnect_deadline: float,
+        retry: RetryPolicy,
         max_batch: int = 512,
         max_queue: int = 10_000,
         linger: float = 0.0,
@@ -58,7 +58,7 @@ class Publisher:
         if max_batch < 1 or max_queue < 1 or max_pipelines < 1 or linger < 0:
             raise ValueError("max_batch, max_queue and max_pipelines must be >= 1 and linger >= 0")
         self._wire = wire
-        self._deadline = reconnect_deadline
+        self._retry = retry
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._linger = linger
@@ -93,7 +93,7 @@ class Publisher:
             # publishes queue up and leave together in the next free one
             self._in_flight += 1
             try:
-                (result,) = await send_batch(self._wire, [item], self._deadline)
+                (result,) = await send_batch(self._wire, [item], self._retry)
             finally:
                 self._release()
             self._count(1)
@@ -162,7 +162,7 @@ class Publisher:
     async def _send(self, batch: list[tuple[XAdd, asyncio.Future[str]]]) -> None:
         """One pipeline; its outcome goes to the waiters, never to the task group."""
         try:
-            ids = await send_batch(self._wire, [item for item, _ in batch], self._deadline)
+            ids = await send_batch(self._wire, [item for item, _ in batch], self._retry)
         except Exception as exc:  # every waiter gets the batch's error
             _fail(batch, exc)
             return
@@ -187,10 +187,12 @@ def _fail(batch: list[tuple[XAdd, asyncio.Future[str]]], exc: BaseException) -> 
             fut.set_exception(exc)
 
 
-async def send_batch(wire: Wire, items: list[XAdd], deadline: float) -> list[str | BaseException]:
+async def send_batch(
+    wire: Wire, items: list[XAdd], retry: RetryPolicy
+) -> list[str | BaseException]:
     """Send ``items`` in one round trip; per-entry errors come back in the list, not raised.
 
-    A lost connection resends the whole batch until ``deadline``: an entry may then be appended
+    A lost connection resends the whole batch until the deadline: an entry may then be appended
     twice (at-least-once), never lost without an error.
     """
     parts = [pack_xadd(it) for it in items]
@@ -198,7 +200,9 @@ async def send_batch(wire: Wire, items: list[XAdd], deadline: float) -> list[str
     age_trims = {it.key: it.minid for it in items if it.maxlen is not None and it.minid}
     parts += [pack(b"XTRIM", key, b"MINID", b"~", minid) for key, minid in age_trims.items()]
     payload = b"".join(parts)
-    raw = await retrying(lambda: wire.execute(payload, len(parts)), deadline)
+    raw = await retrying_bounded(
+        lambda limit: wire.execute(payload, len(parts), limit=limit), retry
+    )
     out: list[str | BaseException] = []
     for it, r in zip(items, raw, strict=False):
         if isinstance(r, BaseException):

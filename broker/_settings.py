@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import ConfigurationError
+from ._retry import RetryPolicy
 
 __all__ = ["DEFAULT_URL", "Settings", "redact_url"]
 
@@ -18,18 +19,20 @@ _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-:]{1,64}$")
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***`` (safe for logs and errors)."""
+    """Return ``url`` with its password replaced by ``***`` (safe for logs and errors).
+
+    Works on the text of the netloc only, so it also redacts URLs that do not parse (a bad
+    port, say): the error about such a URL must not show the password either.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}"
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hostport}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -71,6 +74,17 @@ class Settings:
         url = url or os.environ.get("BROKER_URL") or DEFAULT_URL
         options.setdefault("namespace", os.environ.get("BROKER_NAMESPACE") or "broker")
         return cls(url=url, **options)
+
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds of silence after which a connection counts as lost (a stalled server)."""
+        return max(15.0, 3 * self.connect_timeout)
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The reconnect policy: outages last at most ``reconnect_deadline``; one attempt gets
+        what is left of it, at least ``connect_timeout``, at most :attr:`stall_timeout`."""
+        return RetryPolicy(self.reconnect_deadline, self.connect_timeout, self.stall_timeout)
 
     @property
     def safe_url(self) -> str:

@@ -16,6 +16,7 @@ Key and channel: ``<namespace>:stop:{<name>}`` (value: msgpack ``{"reason", "at"
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -23,7 +24,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 
-from ._errors import ClosedError, ConnectionLostError, map_redis_errors
+from ._errors import (
+    BrokerError,
+    ClosedError,
+    ConnectionLostError,
+    PermissionDeniedError,
+    RedisCommandError,
+    map_redis_errors,
+)
 from ._names import check_channel
 from ._resource import AsyncResource, cancel_and_wait
 from ._retry import Backoff
@@ -229,7 +237,12 @@ class RemoteStopSource:
             _, receivers = await pipe.execute()
             return int(receivers)
 
-        return int(await self.broker.call(fire))
+        try:
+            return int(await self.broker.call(fire))
+        except PermissionDeniedError as exc:
+            raise PermissionDeniedError(
+                f"cannot fire stop {self.name!r} (key and pub/sub channel {self.key!r}): {exc}"
+            ) from exc
 
     async def reset(self) -> bool:
         """Clear a recorded stop so the name can be used again; True if one was recorded.
@@ -269,7 +282,12 @@ class RemoteStopToken(StopToken, AsyncResource):
         if self._parent is not None:
             self._remove_parent = self._parent.on_stop(lambda p: self._fire(p.reason))
         try:
-            await self.broker._stop_hub().register(self)
+            try:
+                await self.broker._stop_hub().register(self)
+            except PermissionDeniedError as exc:
+                raise PermissionDeniedError(
+                    f"stop token {self.name!r} cannot listen on {self.key!r}: {exc}"
+                ) from exc
         except BaseException:
             # a failed or cancelled enter gets no __aexit__: undo the registration here
             await self.aclose()
@@ -297,6 +315,10 @@ class StopHub:
         self.broker = broker
         self._tokens: dict[str, set[RemoteStopToken]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
+        #: keys of each SUBSCRIBE sent and not yet answered, oldest first: an error reply (a
+        #: NOPERM, say) answers the oldest one, and names no channel
+        self._awaiting: collections.deque[list[str]] = collections.deque()
+        self._refused: dict[str, BrokerError] = {}
         self._pubsub: Any = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -315,7 +337,17 @@ class StopHub:
             first = token.key not in self._tokens
             self._tokens.setdefault(token.key, set()).add(token)
             if first:
-                await self._subscribe([token.key])
+                try:
+                    await self._subscribe([token.key])
+                except BaseException:
+                    # refused (or cancelled): this key is not subscribed; forget it quietly
+                    tokens = self._tokens.get(token.key)
+                    if tokens is not None:
+                        tokens.discard(token)
+                        if not tokens:
+                            del self._tokens[token.key]
+                            self._confirmed.pop(token.key, None)
+                    raise
         # the subscription is confirmed: a stop published from now on reaches us, and one
         # published before is in the key
         raw = await self.broker.call(lambda: self._redis.get(token.key))
@@ -341,18 +373,22 @@ class StopHub:
 
     async def _subscribe(self, keys: list[str]) -> None:
         """Subscribe and wait for the server's confirmations (read by the reader task)."""
-        backoff = Backoff(self.broker.settings.reconnect_deadline)
+        backoff = self.broker.settings.retry.backoff()
         while True:
             events = {k: self._confirmed.setdefault(k, asyncio.Event()) for k in keys}
             try:
                 with map_redis_errors():
                     if self._pubsub is None:
                         self._pubsub = self._redis.pubsub()
+                    self._awaiting.append(list(keys))
                     await self._pubsub.subscribe(*keys)
                 self._wake.set()
                 async with asyncio.timeout(self.broker.settings.connect_timeout):
                     for ev in events.values():
                         await ev.wait()
+                refused = [self._refused.pop(k) for k in keys if k in self._refused]
+                if refused:
+                    raise refused[0]
                 return
             except (ConnectionLostError, TimeoutError) as exc:
                 await self._reset_connection()
@@ -365,6 +401,7 @@ class StopHub:
 
     async def _reset_connection(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        self._awaiting.clear()
         for ev in self._confirmed.values():
             ev.clear()
         if pubsub is not None:
@@ -380,7 +417,7 @@ class StopHub:
         stalls TCP raises no error: without a PONG in ``PONG_DEADLINE`` it reconnects) and reads
         every stop key, so a stop whose publish was lost is seen within a few seconds anyway.
         """
-        backoff = Backoff(self.broker.settings.reconnect_deadline)
+        backoff = self.broker.settings.retry.backoff()
         last_check = time.monotonic()
         ping_sent: float | None = None
         while True:
@@ -405,6 +442,11 @@ class StopHub:
                 with map_redis_errors():
                     msg = await pubsub.get_message(timeout=1.0)
                 backoff.reset()
+            except (PermissionDeniedError, RedisCommandError) as exc:
+                # an error reply on a healthy connection: it answers the oldest SUBSCRIBE not
+                # yet confirmed, whose registration raises it; nothing else stops
+                self._refuse(exc)
+                continue
             except ConnectionLostError as exc:
                 ping_sent = None
                 if self._pubsub is not pubsub:
@@ -425,6 +467,7 @@ class StopHub:
                 continue
             channel = _text(msg["channel"])
             if kind in (b"subscribe", "subscribe"):
+                self._answered(channel)
                 ev = self._confirmed.get(channel)
                 if ev is not None:
                     ev.set()
@@ -432,6 +475,24 @@ class StopHub:
                 reason = _decode(msg["data"])
                 for token in list(self._tokens.get(channel, ())):
                     token._fire(reason)
+
+    def _answered(self, key: str) -> None:
+        for keys in self._awaiting:
+            if key in keys:
+                keys.remove(key)
+                break
+        while self._awaiting and not self._awaiting[0]:
+            self._awaiting.popleft()
+
+    def _refuse(self, exc: BrokerError) -> None:
+        if not self._awaiting:
+            log.warning("stop tokens: the server answered with an error: %s", exc)
+            return
+        for key in self._awaiting.popleft():
+            self._refused[key] = exc
+            ev = self._confirmed.get(key)
+            if ev is not None:
+                ev.set()
 
     async def _poll_keys(self) -> None:
         """Read every stop key once (bounded: a stalled connection must not stall the reader)."""
@@ -442,7 +503,7 @@ class StopHub:
             async with asyncio.timeout(CHECK_INTERVAL):
                 with map_redis_errors():
                     values = await self._redis.mget(keys)
-        except (TimeoutError, ConnectionLostError) as exc:
+        except (TimeoutError, BrokerError) as exc:
             log.debug("stop tokens: key poll failed (%s)", exc)
             return
         for key, raw in zip(keys, values, strict=True):
@@ -486,6 +547,13 @@ class StopHub:
             except (ConnectionLostError, TimeoutError) as again:
                 await self._reset_connection()
                 exc = again if isinstance(again, ConnectionLostError) else exc
+                continue
+            except BrokerError as refused:
+                # e.g. the user lost its channel permission while we were away: the keys are
+                # still polled every CHECK_INTERVAL, so tokens fire, only later; keep trying
+                log.error("stop tokens: cannot resubscribe (%s); polling the stop keys", refused)
+                await self._reset_connection()
+                backoff.attempt = 10  # retry at the backoff's cap
                 continue
             for ev_key in keys:
                 self._confirmed.setdefault(ev_key, asyncio.Event()).set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import heapq
@@ -39,7 +40,7 @@ from ._errors import (
 from ._message import Message
 from ._names import check_group, host_label
 from ._resource import AsyncResource, cancel_and_wait
-from ._retry import Backoff, retrying
+from ._retry import no_reply, retrying
 from ._scripts import DEAD_LETTER, PRUNE_CONSUMER
 from ._wire import bulk, pack, pack_strs
 
@@ -249,19 +250,32 @@ class Subscription(AsyncResource, Generic[T]):
         tasks = self._tasks
         if tasks is None:
             return
+        # one budget for the whole close: a stalled server must not hold it once per step
+        settings = self.broker.settings
+        budget = settings.reconnect_deadline + settings.connect_timeout
         try:
-            if self._winding is not None:
-                await asyncio.wait([self._winding])
-            for t in self._aux[1:]:  # no more retries or heartbeats (the ack loop is first)
-                await cancel_and_wait(t)
-            if self._error is None:
-                try:
-                    # what was nacked or re-claimed for a retry after the stop: release it too
-                    await self._release_unhanded()
-                    await self._drain_acks()
-                except BrokerError as exc:
-                    log.warning("%r: closing with acks not sent or entries held: %s", self, exc)
+            async with asyncio.timeout(budget):
+                if self._winding is not None:
+                    await asyncio.wait([self._winding])
+                for t in self._aux[1:]:  # no more retries or heartbeats (the ack loop is first)
+                    await cancel_and_wait(t)
+                if self._error is None:
+                    try:
+                        # what was nacked or re-claimed for a retry after the stop: release it
+                        await self._release_unhanded()
+                        await self._drain_acks()
+                    except BrokerError as exc:
+                        log.warning("%r: closing with acks not sent or entries held: %s", self, exc)
+        except TimeoutError:
+            log.warning(
+                "%r: closed without an answer from the server within %.1fs; unsent acks and "
+                "unreleased entries stay pending (delivered again: at-least-once)",
+                self,
+                budget,
+            )
         finally:
+            if self._winding is not None:
+                await cancel_and_wait(self._winding)
             for t in self._aux:
                 await cancel_and_wait(t)
             await tasks.__aexit__(None, None, None)
@@ -593,15 +607,37 @@ class Subscription(AsyncResource, Generic[T]):
             # blocked read (Redis 7)
             if str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 missing = next((c for c in self.channels if f"'{c.key}'" in str(exc)), channel)
-                name = missing.name if missing else self.channels[0].name
-                raise GroupMissingError(name, self.group) from exc
+                if missing is None:
+                    # the answer to a blocked multi-channel read names no key: ask the server
+                    missing = await self._channel_without_group()
+                raise GroupMissingError(missing.name, self.group) from exc
             raise
+
+    async def _channel_without_group(self) -> Channel[Any]:
+        """The first channel whose stream or group is gone (a user recreates the group from
+        ``GroupMissingError.channel``); the first channel if none is, or if we cannot tell."""
+        r = self.broker.redis
+        for ch in self.channels:
+            try:
+                with map_redis_errors(ch.name):
+                    async with asyncio.timeout(self.broker.settings.connect_timeout):
+                        groups = await r.xinfo_groups(ch.key)
+            except RedisCommandError:  # no such key
+                return ch
+            except (BrokerError, TimeoutError):
+                break
+            names = {
+                g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups
+            }
+            if self.group not in names:
+                return ch
+        return self.channels[0]
 
     async def _retry_call(
         self, fn: Callable[[], Awaitable[Any]], ch: Channel[Any] | None = None
     ) -> Any:
         """:meth:`_call`, retried over lost connections until the reconnect deadline."""
-        return await retrying(lambda: self._call(fn, ch), self.broker.settings.reconnect_deadline)
+        return await retrying(lambda: self._call(fn, ch), self.broker.settings.retry)
 
     # -- internals: setup ---------------------------------------------------------------------
 
@@ -637,7 +673,7 @@ class Subscription(AsyncResource, Generic[T]):
     # -- internals: the read loop -------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        backoff = Backoff(self.broker.settings.reconnect_deadline)
+        backoff = self.broker.settings.retry.backoff()
         replay = {c.name for c in self.channels}
         next_claim = 0.0
         while not self._stopped:
@@ -650,14 +686,21 @@ class Subscription(AsyncResource, Generic[T]):
                 finally:
                     self._parked = False
                 continue
+            # each step gets what is left of the reconnect deadline: a stalled server (which
+            # still accepts connections) must not hold it longer
+            started = time.monotonic()
+            limit = backoff.limit()
             try:
                 if replay:
-                    await self._replay(replay, room)
-                elif time.monotonic() >= next_claim:
-                    await self._claim(room)
+                    async with _bounded(limit):
+                        await self._replay(replay, room)
+                elif started >= next_claim:
+                    async with _bounded(limit):
+                        await self._claim(room)
                     next_claim = time.monotonic() + self.claim_interval
                 else:
-                    await self._read_new(room)
+                    started += self.block  # the server may hold a blocking read this long
+                    await self._read_new(room, limit)
                 backoff.reset()
                 if self._buffer and self._waiters:
                     # let the waiting reader take what just arrived before the next read is
@@ -666,7 +709,7 @@ class Subscription(AsyncResource, Generic[T]):
             except ConnectionLostError as exc:
                 if backoff.since is None:
                     self._stats["reconnects"] += 1
-                await backoff.wait(exc)
+                await backoff.wait(exc, started)
                 # a reply lost with the connection may have moved entries to our pending list
                 replay = {c.name for c in self.channels}
 
@@ -721,17 +764,17 @@ class Subscription(AsyncResource, Generic[T]):
             await self._ingest(ch, entries, counted=True)
         return len(entries)
 
-    async def _read_new(self, room: int) -> None:
+    async def _read_new(self, room: int, limit: float | None = None) -> None:
         per_stream = max(1, -(-room // len(self.channels)))
         streams = {c.key: ">" for c in self.channels}
         self._read_cancelled = True  # cleared below unless the read is cancelled midway
-        reply = await self._call(lambda: self._xreadgroup(streams, per_stream, self.block))
+        reply = await self._call(lambda: self._xreadgroup(streams, per_stream, self.block, limit))
         self._read_cancelled = False
         for key, entries in reply:
             await self._ingest(self._by_key[key], entries, counted=False)
 
     async def _xreadgroup(
-        self, streams: dict[str, str], count: int, block: float | None
+        self, streams: dict[str, str], count: int, block: float | None, limit: float | None = None
     ) -> list[tuple[bytes, list[Any]]]:
         """``XREADGROUP`` as the server sends it: ``[(key, [[id, [field, value, ...]]])]``
         (fields ``None`` for an entry deleted while pending); RESP2 or RESP3."""
@@ -741,7 +784,7 @@ class Subscription(AsyncResource, Generic[T]):
             args += [b"BLOCK", int(block * 1000)]
         args += [b"STREAMS", *streams, *streams.values()]
         wait = block or 0.0
-        (reply,) = await self.broker.wire.execute(pack(*args), 1, wait=wait)
+        (reply,) = await self.broker.wire.execute(pack(*args), 1, wait=wait, limit=limit)
         if isinstance(reply, BaseException):
             raise reply
         if isinstance(reply, dict):  # RESP3 (redis-py's default protocol since 8.0) sends a map
@@ -903,6 +946,11 @@ class Subscription(AsyncResource, Generic[T]):
                 claim = functools.partial(r.xclaim, ch.key, self.group, self.consumer, 0, ids)
                 entries = await self._retry_call(claim, ch)
                 prior = {m.id: m.deliveries for m in msgs}
+                # Redis 7 drops an entry deleted (trimmed) meanwhile from the pending list when
+                # XCLAIM meets it and returns nothing for it: it was ours a moment ago, so it
+                # is gone, not claimed by another consumer
+                returned = {e[0].decode() for e in entries}
+                self._note_trimmed(ch, [i for i in ids if i not in returned])
                 for raw_id, fields in entries:
                     entry_id = raw_id.decode()
                     if not fields:
@@ -1024,6 +1072,16 @@ class Subscription(AsyncResource, Generic[T]):
 
 _SCAN_PAGE = 200
 _SCAN_PAGES = 10
+
+
+@contextlib.asynccontextmanager
+async def _bounded(limit: float) -> AsyncIterator[None]:
+    """``asyncio.timeout(limit)``, its expiry reported as a lost connection (a stall)."""
+    try:
+        async with asyncio.timeout(limit):
+            yield
+    except TimeoutError:
+        raise no_reply(limit) from None
 
 
 def decode_entry(

@@ -62,7 +62,9 @@ class Wire:
         self.closed = True
         await self.pool.disconnect()
 
-    async def execute(self, payload: bytes, replies: int, *, wait: float = 0.0) -> list[Any]:
+    async def execute(
+        self, payload: bytes, replies: int, *, wait: float = 0.0, limit: float | None = None
+    ) -> list[Any]:
         """Send ``payload`` (``replies`` commands) on one connection and read the replies.
 
         Server errors are returned as ``redis.exceptions.ResponseError`` values. A lost or
@@ -70,7 +72,7 @@ class Wire:
         discarded, so no connection goes back to the pool with replies unread; the same holds
         when the call is cancelled. One deadline covers connecting (and its handshake), sending
         and reading: ``wait`` is how long the server may legitimately hold the reply (a
-        ``BLOCK``); the timeout comes on top.
+        ``BLOCK``); the timeout (``limit``, default the wire's) comes on top.
 
         :raises ClosedError: after :meth:`aclose`.
         """
@@ -79,7 +81,7 @@ class Wire:
         pool = self.pool
         conn = None
         complete = False
-        limit = self.timeout + wait
+        limit = (self.timeout if limit is None else limit) + wait
         try:
             out: list[Any] = []
             async with asyncio.timeout(limit):
@@ -93,7 +95,9 @@ class Wire:
             complete = True
             return out
         except TimeoutError:
-            raise rex.TimeoutError(f"no reply from the server within {limit:.0f} s") from None
+            raise rex.TimeoutError(
+                f"no reply from the server within {limit:.1f}s (stalled?)"
+            ) from None
         finally:
             if conn is not None:
                 if not complete:  # unread replies would reach the next user of this connection

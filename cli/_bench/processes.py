@@ -131,10 +131,13 @@ async def memory(
 
 
 async def _group_done(r: Any, key: str, group: str, n: int) -> bool:
+    """Every one of the ``n`` entries delivered and acked: nothing pending, and the group's
+    position at the stream's last entry (``entries-read`` can be unknown, so not that)."""
+    last = (await r.xinfo_stream(key))["last-generated-id"]
     for g in await r.xinfo_groups(key):
         name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
         if name == group:
-            return int(g["pending"]) == 0 and int(g.get("entries-read") or 0) >= n
+            return int(g["pending"]) == 0 and g["last-delivered-id"] == last
     return False
 
 

@@ -133,10 +133,10 @@ async def test_pending_stays_within_twice_prefetch_with_a_slow_ack_path(
 
     real = Wire.execute
 
-    async def slow_acks(self: Wire, payload: bytes, replies: int, *, wait: float = 0.0):  # type: ignore[no-untyped-def]
+    async def slow_acks(self: Wire, payload: bytes, replies: int, **kw):  # type: ignore[no-untyped-def]
         if b"XACK" in payload[:40]:
             await asyncio.sleep(0.3)
-        return await real(self, payload, replies, wait=wait)
+        return await real(self, payload, replies, **kw)
 
     monkeypatch.setattr(Wire, "execute", slow_acks)
     ch = client.channel(name)
