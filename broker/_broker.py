@@ -10,10 +10,9 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 
+from ._clients import cluster_client, single_client
 from ._codec import Codec
 from ._errors import ClosedError, ConfigurationError, ConnectionLostError, map_redis_errors
 from ._names import channel_from_key, channel_key
@@ -22,6 +21,7 @@ from ._resource import AsyncResource, cancel_and_wait
 from ._retry import retrying
 from ._server import MIN_REDIS
 from ._settings import Settings
+from ._topology import Topology
 from ._wire import Wire
 
 if TYPE_CHECKING:
@@ -61,9 +61,12 @@ class Broker(AsyncResource):
     def __init__(self, settings: Settings, **publisher_options: Any) -> None:
         self.settings = settings
         self._publisher_options = publisher_options
-        self._redis: aioredis.Redis | None = None
+        self._redis: Any = None
         self._publisher: Publisher | None = None
-        self._wire: Wire | None = None
+        self._topology: Topology | None = None
+        #: whether the URL reached a Redis Cluster (``redis+cluster://``, or a node in cluster
+        #: mode behind a plain ``redis://`` URL)
+        self.cluster = False
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
@@ -80,23 +83,8 @@ class Broker(AsyncResource):
         if self._stack is not None or self._closed:
             raise ClosedError("a Broker can be entered once; call connect() again")
         s = self.settings
-        tcp = {} if s.url.startswith("unix:") else {"socket_keepalive": True}
-        with map_redis_errors():
-            self._redis = aioredis.Redis.from_url(
-                s.url,
-                decode_responses=False,
-                socket_connect_timeout=s.connect_timeout,
-                # a dead peer must not hang a read forever; blocking reads stay far below this
-                socket_timeout=s.stall_timeout,
-                health_check_interval=15,
-                # reconnects are ours: after one, subscriptions replay their pending entries
-                retry=Retry(NoBackoff(), 0),
-                client_name="broker-py",
-                **tcp,
-            )
         stack = contextlib.AsyncExitStack()
         try:
-            stack.push_async_callback(self._redis.aclose)
             # one bound for connecting, the handshake and the first answers: a stopped server
             # still completes the TCP connect, and would otherwise hold us for the stall timeout
             opening = 2 * s.connect_timeout
@@ -104,17 +92,17 @@ class Broker(AsyncResource):
                 with map_redis_errors():
                     try:
                         async with asyncio.timeout(opening):
-                            await self._measure_clock()
-                            await self._check_version()
+                            await self._open(stack)
                     except TimeoutError:
                         raise ConnectionLostError(
                             f"no answer within {opening:g}s (a stalled server?)"
                         ) from None
             except ConnectionLostError as exc:
                 raise type(exc)(f"cannot connect to {s.safe_url}: {_cause(exc)}") from exc.__cause__
-            self._wire = Wire(self._redis, timeout=s.stall_timeout)
-            stack.push_async_callback(self._wire.aclose)
-            self._publisher = Publisher(self._wire, retry=s.retry, **self._publisher_options)
+            topology = Topology(self._redis, cluster=self.cluster, timeout=s.stall_timeout)
+            self._topology = topology
+            stack.push_async_callback(topology.aclose)
+            self._publisher = Publisher(topology, retry=s.retry, **self._publisher_options)
             self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._publisher_task = self._tasks.create_task(
                 self._publisher.run(), name="broker-publisher"
@@ -124,6 +112,29 @@ class Broker(AsyncResource):
             raise
         self._stack = stack
         return self
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        """Make the client for the URL (a cluster when the server says it is in cluster
+        mode), learn the server's clock and check its version."""
+        s = self.settings
+        endpoint = s.endpoint
+        if endpoint.kind == "cluster":
+            self._redis = await cluster_client(s, endpoint.hosts, endpoint.node_url)
+            self.cluster = True
+        else:
+            self._redis = single_client(s)
+        stack.push_async_callback(self._redis.aclose)
+        await self._measure_clock()
+        info = await self._check_version()
+        if not self.cluster and str(info.get("cluster_enabled", "0")) == "1":
+            # a plain redis:// URL that reached a cluster node: follow the cluster from there
+            single, self._redis = self._redis, None
+            await single.aclose()
+            host = single.connection_pool.connection_kwargs.get("host", "localhost")
+            port = int(single.connection_pool.connection_kwargs.get("port", 6379))
+            self._redis = await cluster_client(s, [(host, port)], s.url)
+            self.cluster = True
+            stack.push_async_callback(self._redis.aclose)
 
     async def aclose(self) -> None:
         """Flush queued publishes, stop the batcher and close every connection. Idempotent."""
@@ -149,14 +160,22 @@ class Broker(AsyncResource):
         """Learn the server clock's offset from ours (TIME, halfway through the round trip)."""
         assert self._redis is not None
         before = time.time()
-        sec, usec = await self._redis.time()
+        if self.cluster:
+            sec, usec = await self._redis.time(target_nodes=RedisCluster.RANDOM)
+        else:
+            sec, usec = await self._redis.time()
         after = time.time()
         self._clock_offset_ms = int(sec) * 1000 + int(usec) // 1000 - int((before + after) * 500)
 
-    async def _check_version(self) -> None:
-        """Refuse servers older than Redis 7.0 with a sentence, not with odd failures later."""
+    async def _check_version(self) -> dict[str, Any]:
+        """Refuse servers older than Redis 7.0 with a sentence, not with odd failures later.
+        Returns the ``server`` and ``cluster`` sections of ``INFO``."""
         assert self._redis is not None
-        info = await self._redis.info("server")
+        if self.cluster:
+            info = await self._redis.info("server", target_nodes=RedisCluster.RANDOM)
+        else:
+            info = await self._redis.info("server")
+            info.update(await self._redis.info("cluster"))
         version = str(info.get("redis_version", "0"))
         parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
         self.server_version = version
@@ -166,6 +185,7 @@ class Broker(AsyncResource):
                 f"Redis >= {MIN_REDIS[0]}.{MIN_REDIS[1]} or Valkey >= 7.2 (XAUTOCLAIM, XINFO "
                 "lag, sharded pub/sub)"
             )
+        return info  # type: ignore[no-any-return]
 
     def server_time_ms(self) -> int:
         """The server's clock, in ms, as estimated when the broker connected."""
@@ -184,11 +204,19 @@ class Broker(AsyncResource):
         return self._redis
 
     @property
-    def wire(self) -> Wire:
-        """Connections for the hot commands (``XADD``, ``XREADGROUP``, ``XACK``)."""
-        if self._wire is None or self._closed:
+    def topology(self) -> Topology:
+        """The nodes that own the keys, with a connection pool each for the hot commands."""
+        if self._topology is None or self._closed:
             raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
-        return self._wire
+        return self._topology
+
+    @property
+    def wire(self) -> Wire:
+        """The hot-command connections of a single server (see :attr:`topology` for a cluster)."""
+        wire = self.topology.single
+        if wire is None:
+            raise ClosedError("a cluster has a wire per node: use broker.topology.wire_for(key)")
+        return wire
 
     @property
     def publisher(self) -> Publisher:

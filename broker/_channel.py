@@ -193,7 +193,7 @@ class Channel(Generic[T]):
     async def _send(self, chunk: list[XAdd]) -> list[str]:
         if self.max_lag is not None:
             await self._wait_for_room(len(chunk))
-        results = await send_batch(self.broker.wire, chunk, self.broker.settings.retry)
+        results = await send_batch(self.broker.topology, chunk, self.broker.settings.retry)
         for r in results:
             if isinstance(r, BaseException):
                 raise r

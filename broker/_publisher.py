@@ -6,9 +6,12 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import time
+from typing import Any
 
-from ._errors import ClosedError, map_redis_errors
-from ._retry import RetryPolicy, retrying_bounded
+from ._errors import ClosedError, ConnectionLostError, map_redis_errors
+from ._retry import RetryPolicy, no_reply
+from ._topology import Topology, ask_target, routing_error
 from ._wire import Wire, bulk, pack
 
 __all__ = ["PublisherStatistics", "Publisher", "XAdd"]
@@ -47,7 +50,7 @@ class Publisher:
 
     def __init__(
         self,
-        wire: Wire,
+        topology: Topology,
         *,
         retry: RetryPolicy,
         max_batch: int = 512,
@@ -57,7 +60,7 @@ class Publisher:
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_pipelines < 1 or linger < 0:
             raise ValueError("max_batch, max_queue and max_pipelines must be >= 1 and linger >= 0")
-        self._wire = wire
+        self._topology = topology
         self._retry = retry
         self._max_batch = max_batch
         self._max_queue = max_queue
@@ -93,7 +96,7 @@ class Publisher:
             # publishes queue up and leave together in the next free one
             self._in_flight += 1
             try:
-                (result,) = await send_batch(self._wire, [item], self._retry)
+                (result,) = await send_batch(self._topology, [item], self._retry)
             finally:
                 self._release()
             self._count(1)
@@ -162,7 +165,7 @@ class Publisher:
     async def _send(self, batch: list[tuple[XAdd, asyncio.Future[str]]]) -> None:
         """One pipeline; its outcome goes to the waiters, never to the task group."""
         try:
-            ids = await send_batch(self._wire, [item for item, _ in batch], self._retry)
+            ids = await send_batch(self._topology, [item for item, _ in batch], self._retry)
         except Exception as exc:  # every waiter gets the batch's error
             _fail(batch, exc)
             return
@@ -188,32 +191,143 @@ def _fail(batch: list[tuple[XAdd, asyncio.Future[str]]], exc: BaseException) -> 
 
 
 async def send_batch(
-    wire: Wire, items: list[XAdd], retry: RetryPolicy
+    topology: Topology, items: list[XAdd], retry: RetryPolicy
 ) -> list[str | BaseException]:
-    """Send ``items`` in one round trip; per-entry errors come back in the list, not raised.
+    """Send ``items`` in one round trip per node; per-entry errors come back in the list, not
+    raised.
 
     A lost connection resends the whole batch until the deadline: an entry may then be appended
-    twice (at-least-once), never lost without an error.
+    twice (at-least-once), never lost without an error. On a cluster, entries answered with a
+    redirection (``MOVED``, ``ASK``, ``TRYAGAIN``...) were not appended, and are resent to the
+    node that owns them now.
     """
+    single = topology.single
+    if single is not None:  # the hot path: one payload, one node
+        payload, count = _payload(items)
+        raw = await _exchange(single, payload, count, retry)
+        return _results(items, raw)
+    return await _send_routed(topology, items, retry)
+
+
+async def _exchange(wire: Wire, payload: bytes, count: int, retry: RetryPolicy) -> list[Any]:
+    backoff = retry.backoff()
+    while True:
+        started = time.monotonic()
+        try:
+            with map_redis_errors():
+                return await wire.execute(payload, count, limit=backoff.limit())
+        except ConnectionLostError as exc:
+            await backoff.wait(exc, started)
+
+
+def _payload(items: list[XAdd]) -> tuple[bytes, int]:
     parts = [pack_xadd(it) for it in items]
     # XADD takes one trim strategy: an age bound next to a length bound is an XTRIM after
     age_trims = {it.key: it.minid for it in items if it.maxlen is not None and it.minid}
     parts += [pack(b"XTRIM", key, b"MINID", b"~", minid) for key, minid in age_trims.items()]
-    payload = b"".join(parts)
-    raw = await retrying_bounded(
-        lambda limit: wire.execute(payload, len(parts), limit=limit), retry
-    )
+    return b"".join(parts), len(parts)
+
+
+def _results(items: list[XAdd], raw: list[Any]) -> list[str | BaseException]:
     out: list[str | BaseException] = []
     for it, r in zip(items, raw, strict=False):
         if isinstance(r, BaseException):
-            try:
-                with map_redis_errors(it.channel):
-                    raise r
-            except Exception as mapped:
-                out.append(mapped)
+            out.append(_mapped(r, it.channel))
         else:
             out.append(r.decode())
     return out
+
+
+def _mapped(error: BaseException, channel: str) -> BaseException:
+    try:
+        with map_redis_errors(channel):
+            raise error
+    except Exception as mapped:
+        return mapped
+
+
+#: redirections followed for one batch before giving up (redis-py follows 16 too)
+_MAX_REDIRECTS = 16
+
+
+async def _send_routed(
+    topology: Topology, items: list[XAdd], retry: RetryPolicy
+) -> list[str | BaseException]:
+    """The cluster path: one payload per node, sent concurrently; redirected entries resent."""
+    results: list[str | BaseException | None] = [None] * len(items)
+    todo = list(range(len(items)))
+    asking: dict[int, Wire] = {}
+    backoff = retry.backoff()
+    redirects = 0
+    while todo:
+        groups: dict[Wire, list[int]] = {}
+        try:
+            for i in todo:
+                wire = asking.pop(i, None) or topology.wire_for(items[i].key)
+                groups.setdefault(wire, []).append(i)
+        except Exception as exc:  # no node serves a slot now (a failover under way)
+            lost = ConnectionLostError(f"cannot route: {exc}")
+            await backoff.wait(lost)
+            await topology.refresh("a slot without a node")
+            continue
+        started = time.monotonic()
+        limit = backoff.limit()
+        replies = await asyncio.gather(
+            *(_exchange_routed(w, [items[i] for i in idx], limit, w in asking.values())
+              for w, idx in groups.items()),
+            return_exceptions=True,
+        )  # fmt: skip
+        todo = []
+        refresh: str | None = None
+        lost_exc: ConnectionLostError | None = None
+        for (wire, idx), reply in zip(groups.items(), replies, strict=True):
+            if isinstance(reply, ConnectionLostError):
+                todo += idx  # the node may be gone (a failover): ask the cluster again
+                lost_exc = reply
+                refresh = refresh or f"{wire.name} unreachable"
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            for i, r in zip(idx, reply, strict=True):
+                kind = routing_error(r)
+                if kind is None:
+                    results[i] = _mapped(r, items[i].channel) if isinstance(r, BaseException) else r
+                    continue
+                todo.append(i)
+                if kind == "ASK":
+                    asking[i] = topology.wire_at(ask_target(r))
+                elif kind == "MOVED" or kind == "READONLY":
+                    refresh = refresh or f"{kind} from {wire.name}"
+                else:  # TRYAGAIN, CLUSTERDOWN, LOADING...: wait a little, as for an outage
+                    lost_exc = lost_exc or ConnectionLostError(f"{wire.name}: {r}")
+        if not todo:
+            break
+        todo.sort()  # keep each key's entries in their order
+        if lost_exc is not None:
+            await backoff.wait(lost_exc, started)
+        else:
+            redirects += 1
+            if redirects > _MAX_REDIRECTS:
+                raise ConnectionLostError(
+                    f"too many cluster redirections for one batch ({_MAX_REDIRECTS})"
+                )
+        if refresh is not None:
+            await topology.refresh(refresh)
+    return [r if r is not None else no_reply(0) for r in results]
+
+
+async def _exchange_routed(wire: Wire, items: list[XAdd], limit: float, asking: bool) -> list[Any]:
+    """Send ``items`` to ``wire`` and return one reply per item (``ASKING`` first when the
+    items follow an ``ASK`` redirection; ``XTRIM`` replies dropped)."""
+    if asking:
+        payload = b"".join(pack(b"ASKING") + pack_xadd(it) for it in items)
+        with map_redis_errors():
+            raw = await wire.execute(payload, 2 * len(items), limit=limit)
+        return raw[1::2]
+    payload, count = _payload(items)
+    with map_redis_errors():
+        raw = await wire.execute(payload, count, limit=limit)
+    return [r if isinstance(r, BaseException) else r.decode() for r in raw[: len(items)]]
 
 
 def pack_xadd(it: XAdd) -> bytes:

@@ -11,10 +11,18 @@ from urllib.parse import urlsplit, urlunsplit
 from ._errors import ConfigurationError
 from ._retry import RetryPolicy
 
-__all__ = ["DEFAULT_URL", "Settings", "redact_url"]
+__all__ = ["DEFAULT_URL", "Endpoint", "Settings", "parse_endpoint", "redact_url"]
 
 DEFAULT_URL = "redis://localhost:6379/0"
-_SCHEMES = ("redis", "rediss", "unix")
+_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-:]{1,64}$")
 
 
@@ -52,7 +60,7 @@ class Settings:
     max_payload: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        _check_url(self.url)
+        parse_endpoint(self.url)
         if not _NAMESPACE_RE.match(self.namespace):
             raise ConfigurationError(
                 f"namespace must be 1-64 characters of letters, digits, '_', '-', '.', ':', "
@@ -69,7 +77,8 @@ class Settings:
 
         ``namespace`` defaults to ``$BROKER_NAMESPACE`` or ``broker``.
 
-        :raises ConfigurationError: if the URL's scheme is not redis, rediss or unix.
+        :raises ConfigurationError: if the URL is not one of ``redis://``, ``rediss://``,
+            ``unix://``, ``redis+cluster://`` or ``redis+sentinel://`` (``rediss+`` for TLS).
         """
         url = url or os.environ.get("BROKER_URL") or DEFAULT_URL
         options.setdefault("namespace", os.environ.get("BROKER_NAMESPACE") or "broker")
@@ -87,31 +96,122 @@ class Settings:
         return RetryPolicy(self.reconnect_deadline, self.connect_timeout, self.stall_timeout)
 
     @property
+    def endpoint(self) -> Endpoint:
+        """What the URL points at (one server, a cluster, a Sentinel set)."""
+        return parse_endpoint(self.url)
+
+    @property
     def safe_url(self) -> str:
         """The URL with the password masked."""
         return redact_url(self.url)
 
 
-def _check_url(url: str) -> None:
-    example = "redis://[user:password@]host:6379/0, rediss://host:6380/0 or unix:///path/redis.sock"
+_EXAMPLE = (
+    "redis://[user:password@]host:6379/0, rediss://host:6380/0, unix:///path/redis.sock, "
+    "redis+cluster://host:7000[,host:7001...] or "
+    "redis+sentinel://[user:password@]host:26379[,host:26380...]/service_name[/db]"
+)
+
+
+def _split_hosts(url: str, hostlist: str) -> list[tuple[str, int]]:
+    """``h1:p1,h2:p2`` (IPv6 in brackets) as ``[(host, port), ...]``."""
+    hosts: list[tuple[str, int]] = []
+    for part in hostlist.split(","):
+        host, sep, port = part.rpartition(":")
+        if not sep:
+            host, port = part, ""
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host:
+            raise ConfigurationError(f"URL {redact_url(url)!r} has an empty host; use {_EXAMPLE}")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(
+                f"invalid URL {redact_url(url)!r} (port {port!r} of host {host!r}); use {_EXAMPLE}"
+            )
+        hosts.append((host, int(port)))
+    return hosts
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """What a URL points at: one server, a cluster (its seed nodes) or a Sentinel set."""
+
+    #: "single", "cluster" or "sentinel"
+    kind: str
+    #: a single-server URL redis-py understands (for a cluster or Sentinel: the first host's,
+    #: which carries the user, password, TLS and query options for every node)
+    node_url: str
+    hosts: list[tuple[str, int]]
+    #: the Sentinel service (master) name
+    service: str | None = None
+    db: int = 0
+
+
+def parse_endpoint(url: str) -> Endpoint:
+    """Check ``url`` and say what it points at.
+
+    :raises ConfigurationError: with a sentence that shows valid URLs.
+    """
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
         raise ConfigurationError(
-            f"invalid URL {redact_url(url)!r} ({exc}); use {example}"
+            f"invalid URL {redact_url(url)!r} ({exc}); use {_EXAMPLE}"
         ) from None
-    if parts.scheme not in _SCHEMES:
+    scheme = parts.scheme
+    if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"unsupported URL scheme {parts.scheme!r} in {redact_url(url)!r}; use {example}"
+            f"unsupported URL scheme {scheme!r} in {redact_url(url)!r}; use {_EXAMPLE}"
         )
-    if parts.scheme == "unix":
+    if scheme == "unix":
         if not parts.path:
-            raise ConfigurationError(f"a unix URL needs a socket path; use {example}")
-        return
-    if not parts.hostname:
-        raise ConfigurationError(f"URL {redact_url(url)!r} has no host; use {example}")
-    db = parts.path.lstrip("/")
-    if db and not db.isdigit():
-        raise ConfigurationError(f"database in {redact_url(url)!r} must be a number, got {db!r}")
-    del port
+            raise ConfigurationError(f"a unix URL needs a socket path; use {_EXAMPLE}")
+        return Endpoint("single", url, [])
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    if not hostlist:
+        raise ConfigurationError(f"URL {redact_url(url)!r} has no host; use {_EXAMPLE}")
+    base, _, kind = scheme.partition("+")
+    path = parts.path.strip("/")
+    if kind == "sentinel":
+        hosts = _split_hosts(url, hostlist)
+        service, _, db = path.partition("/")
+        if not service:
+            raise ConfigurationError(
+                f"a Sentinel URL names its service: {redact_url(url)!r}; use {_EXAMPLE}"
+            )
+        if db and not db.isdigit():
+            raise ConfigurationError(
+                f"database in {redact_url(url)!r} must be a number, got {db!r}"
+            )
+    else:
+        if kind == "cluster":
+            hosts = _split_hosts(url, hostlist)
+            if path not in ("", "0"):
+                raise ConfigurationError(
+                    f"a cluster has database 0 only, got {path!r} in {redact_url(url)!r}"
+                )
+            db = ""
+        else:
+            if "," in hostlist:
+                raise ConfigurationError(
+                    f"several hosts in {redact_url(url)!r}: use redis+cluster:// for a cluster "
+                    "or redis+sentinel:// for Sentinel"
+                )
+            try:
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"invalid URL {redact_url(url)!r} ({exc}); use {_EXAMPLE}"
+                ) from None
+            if not parts.hostname:
+                raise ConfigurationError(f"URL {redact_url(url)!r} has no host; use {_EXAMPLE}")
+            if path and not path.isdigit():
+                raise ConfigurationError(
+                    f"database in {redact_url(url)!r} must be a number, got {path!r}"
+                )
+            return Endpoint("single", url, [], db=int(path or 0))
+    host, port = hosts[0]
+    shown = f"[{host}]" if ":" in host else host
+    node_netloc = f"{userinfo}{at}{shown}:{port}"
+    node_url = urlunsplit((base, node_netloc, "/0", parts.query, ""))
+    return Endpoint(kind, node_url, hosts, service if kind == "sentinel" else None, int(db or 0))

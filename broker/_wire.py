@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis.exceptions as rex
+from redis.asyncio.connection import ConnectionPool
 
 from ._errors import ClosedError
 
@@ -46,16 +47,37 @@ class Wire:
     (``wait_for``) and every reply in a timeout context. :meth:`execute` bounds the whole
     exchange with one deadline instead, so a dead peer is still detected."""
 
-    def __init__(self, client: Any, timeout: float) -> None:
-        pool = client.connection_pool
-        kwargs = {**pool.connection_kwargs, "socket_timeout": None}
-        self.pool = type(pool)(
-            connection_class=pool.connection_class,
-            max_connections=pool.max_connections,
-            **kwargs,
+    def __init__(
+        self,
+        connection_class: Any,
+        connection_kwargs: dict[str, Any],
+        *,
+        timeout: float,
+        max_connections: int | None = None,
+        name: str = "server",
+    ) -> None:
+        kwargs = {**connection_kwargs, "socket_timeout": None}
+        self.pool: Any = ConnectionPool(
+            connection_class=connection_class, max_connections=max_connections, **kwargs
         )
         self.timeout = timeout
+        #: the node this wire talks to (``host:port`` on a cluster)
+        self.name = name
         self.closed = False
+
+    @classmethod
+    def like(cls, client: Any, timeout: float) -> Wire:
+        """A wire to the server of a single-server redis-py client, made like its own pool."""
+        pool = client.connection_pool
+        return cls(
+            pool.connection_class,
+            pool.connection_kwargs,
+            timeout=timeout,
+            max_connections=pool.max_connections,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Wire {self.name}>"
 
     async def aclose(self) -> None:
         """Close every connection; later calls raise ``ClosedError`` instead of reconnecting."""

@@ -77,7 +77,7 @@ async def test_a_stalled_server_is_detected_and_the_connection_discarded(redis_u
     proxy = Proxy(host, int(port))
     await proxy.start()
     client = aioredis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0")
-    wire = Wire(client, timeout=0.5)
+    wire = Wire.like(client, timeout=0.5)
     try:
         assert await wire.execute(pack(b"PING"), 1) == [b"PONG"]
         proxy.stall()
@@ -94,7 +94,7 @@ async def test_a_stalled_server_is_detected_and_the_connection_discarded(redis_u
 
 async def test_cancelled_mid_reply_leaves_no_unread_replies(raw: Any, redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
-    wire = Wire(client, timeout=5)
+    wire = Wire.like(client, timeout=5)
     try:
         # cancelled while the server holds a BLOCK: its reply must not reach the next caller
         blocked = asyncio.create_task(wire.execute(pack(b"BLPOP", "wire-test-never", 1), 1, wait=1))

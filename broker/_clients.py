@@ -1,0 +1,64 @@
+"""redis-py clients for what a URL points at: one server (``Redis``) or a Redis Cluster
+(``RedisCluster``, also when a plain ``redis://`` URL reaches a node in cluster mode).
+
+Every client is made the same way: bytes replies, the connect timeout, a socket timeout that
+only catches dead peers, and no retries of redis-py's own (reconnecting is the library's job:
+after a reconnect, subscriptions replay their pending entries).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ._settings import Settings
+
+__all__ = ["client_options", "cluster_client", "single_client"]
+
+CLIENT_NAME = "broker-py"
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """The options every client of the library shares."""
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_connect_timeout": settings.connect_timeout,
+        # a dead peer must not hang a read forever; blocking reads stay far below this
+        "socket_timeout": settings.stall_timeout,
+        "health_check_interval": 15,
+        # reconnects are ours: after one, subscriptions replay their pending entries
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": CLIENT_NAME,
+    }
+    if not settings.url.startswith("unix:"):
+        options["socket_keepalive"] = True
+    return options
+
+
+def single_client(settings: Settings, url: str | None = None) -> Any:
+    """A client of one server (``url`` defaults to the settings' URL)."""
+    return aioredis.Redis.from_url(url or settings.url, **client_options(settings))
+
+
+async def cluster_client(settings: Settings, seeds: list[tuple[str, int]], node_url: str) -> Any:
+    """A cluster client that knows the slot map (``initialize`` has run).
+
+    ``node_url`` carries the user, password, TLS and query options, which every node shares.
+    """
+    options = client_options(settings)
+    client = RedisCluster.from_url(
+        node_url,
+        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+        # the slot map is refreshed by the library on MOVED; redis-py refreshes too on errors
+        **options,
+    )
+    try:
+        await client.initialize()
+    except BaseException:
+        await client.aclose()
+        raise
+    return client
