@@ -231,7 +231,9 @@ class Broker(AsyncResource):
     async def call(self, fn: Any, channel: str | None = None) -> Any:
         """Run one redis call with reconnects until the deadline and errors mapped."""
         key = None if channel is None else channel_key(self.namespace, channel)
-        return await retrying(fn, self.settings.retry, channel, key)
+        topology = self._topology
+        refresh = topology.refresh if topology is not None and topology.single is None else None
+        return await retrying(fn, self.settings.retry, channel, key, refresh=refresh)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Start a task owned by this broker (cancelled when it closes)."""

@@ -20,6 +20,7 @@ from ._errors import (
 from ._names import channel_key, check_channel, check_group, dead_key
 from ._publisher import XAdd, send_batch
 from ._scripts import REPLAY_DEAD
+from ._stream import Stream
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -128,6 +129,9 @@ class Channel(Generic[T]):
         self.full_timeout = full_timeout
         self.key = channel_key(broker.namespace, name)
         self.dead_key = dead_key(broker.namespace, name)
+        self._stream = Stream(
+            self.name, self.key, self.dead_key, self.codec, broker.settings.max_payload
+        )
         self._lag_checked = -1e9
         self._lag = 0
 
@@ -230,6 +234,11 @@ class Channel(Generic[T]):
             pause = min(pause * 2, 0.1)
 
     # -- reading ------------------------------------------------------------------------------
+
+    async def streams(self) -> list[Stream]:
+        """The Redis streams of this channel (one; a partitioned channel has one per
+        partition)."""
+        return [self._stream]
 
     def subscribe(self, group: str, **options: Any) -> Subscription[T]:
         """Read as a member of ``group``; see :class:`Subscription`.

@@ -68,8 +68,8 @@ async def run_consumer(
     if group_concurrency is not None:
         ch = sub.channels[0]
         group = GroupSemaphore(
-            sub.broker,
-            semaphore_key(sub.broker.namespace, ch.name, sub.group),
+            sub.link,
+            semaphore_key(sub.link.settings.namespace, ch.name, sub.group),
             group_concurrency,
             lease=lease,
         )

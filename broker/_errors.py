@@ -22,6 +22,7 @@ a tail hands it out with ``message.error`` set.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import re
 from collections.abc import Iterator
@@ -147,4 +148,14 @@ def _unannotated(text: str) -> str:
     m = _ANNOTATION.match(text)
     if m is None:
         return text
-    return f"{m.group(2)} (in {m.group(1).upper()})"
+    error = m.group(2)
+    if error.startswith(("('", '("')) and error.endswith(",)"):
+        # some redis-py versions put the whole args tuple there: keep its one string
+        try:
+            value = ast.literal_eval(error)
+        except (ValueError, SyntaxError):
+            pass
+        else:
+            if isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], str):
+                error = value[0]
+    return f"{error} (in {m.group(1).upper()})"

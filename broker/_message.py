@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from ._subscription import Subscription
+    from ._stream import Stream
 
-__all__ = ["Message", "id_to_datetime", "id_to_ms"]
+__all__ = ["Message", "Settles", "id_to_datetime", "id_to_ms"]
 
 T = TypeVar("T")
 
@@ -22,6 +22,20 @@ def id_to_ms(entry_id: str) -> int:
 def id_to_datetime(entry_id: str) -> datetime:
     """The time (UTC) at which an entry was added, from its id."""
     return datetime.fromtimestamp(id_to_ms(entry_id) / 1000, tz=UTC)
+
+
+class Settles(Protocol):
+    """What a message needs of the subscription it came from."""
+
+    def ack(self, messages: Message[Any]) -> None: ...
+
+    def nack(
+        self,
+        message: Message[Any],
+        *,
+        delay: float | None = None,
+        error: BaseException | str | None = None,
+    ) -> None: ...
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -42,7 +56,14 @@ class Message(Generic[T]):
     foreign: bool = False
     error: str | None = None
     fields: dict[bytes, bytes] = dataclasses.field(default_factory=dict, repr=False)
-    _subscription: Subscription[Any] | None = dataclasses.field(default=None, repr=False)
+    _subscription: Settles | None = dataclasses.field(default=None, repr=False)
+    #: the stream (of a partition, for a partitioned channel) the entry was read from
+    _stream: Stream | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def partition(self) -> int | None:
+        """The partition the entry was read from; None for an unpartitioned channel."""
+        return None if self._stream is None else self._stream.partition
 
     @property
     def timestamp(self) -> datetime:
@@ -71,7 +92,7 @@ class Message(Generic[T]):
         """
         self._owner().nack(self, delay=delay, error=error)
 
-    def _owner(self) -> Subscription[Any]:
+    def _owner(self) -> Settles:
         if self._subscription is None:
             raise TypeError(
                 "this message came from a read-only tail; subscribe with a group to ack or nack"

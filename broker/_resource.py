@@ -7,7 +7,7 @@ import asyncio
 from types import TracebackType
 from typing import Any
 
-__all__ = ["AsyncResource", "cancel_and_wait"]
+__all__ = ["AsyncResource", "cancel_all", "cancel_and_wait"]
 
 
 class AsyncResource(abc.ABC):
@@ -33,3 +33,24 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait([task], timeout=0.02)
+
+
+async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until every one is done.
+
+    A cancel of the caller arriving meanwhile is deferred, not swallowed: it is raised once the
+    tasks are done, so a cleanup interrupted by repeated cancels (see :func:`cancel_and_wait`)
+    still leaves no task behind.
+    """
+    cancelled = False
+    pending = [t for t in tasks if not t.done()]
+    while pending:
+        for t in pending:
+            t.cancel()
+        try:
+            await asyncio.wait(pending, timeout=0.02)
+        except asyncio.CancelledError:
+            cancelled = True
+        pending = [t for t in pending if not t.done()]
+    if cancelled:
+        raise asyncio.CancelledError

@@ -108,9 +108,15 @@ async def retrying(
     policy: RetryPolicy,
     channel: str | None = None,
     key: str | None = None,
+    *,
+    refresh: Callable[[str], Awaitable[None]] | None = None,
 ) -> R:
     """Run ``call`` until it succeeds, retrying lost connections until the policy's deadline;
-    each attempt is bounded by what is left of the deadline (see :class:`Backoff`)."""
+    each attempt is bounded by what is left of the deadline (see :class:`Backoff`).
+
+    ``refresh(reason)`` runs before each retry (a cluster re-reads its slot map: the node may
+    have failed over, or the slot moved).
+    """
     backoff = policy.backoff()
     while True:
         started = time.monotonic()
@@ -124,10 +130,16 @@ async def retrying(
                     raise no_reply(limit) from None
         except ConnectionLostError as exc:
             await backoff.wait(exc, started)
+            if refresh is not None:
+                await _quietly(refresh, str(exc))
 
 
 async def retrying_bounded(
-    call: Callable[[float], Awaitable[R]], policy: RetryPolicy, channel: str | None = None
+    call: Callable[[float], Awaitable[R]],
+    policy: RetryPolicy,
+    channel: str | None = None,
+    *,
+    refresh: Callable[[str], Awaitable[None]] | None = None,
 ) -> R:
     """:func:`retrying` for calls that bound themselves: ``call(limit)`` must give up after
     ``limit`` seconds (the hot paths pass it to :meth:`Wire.execute`, which already keeps one
@@ -140,3 +152,14 @@ async def retrying_bounded(
                 return await call(backoff.limit())
         except ConnectionLostError as exc:
             await backoff.wait(exc, started)
+            if refresh is not None:
+                await _quietly(refresh, str(exc))
+
+
+async def _quietly(refresh: Callable[[str], Awaitable[None]], reason: str) -> None:
+    """Refresh what can be refreshed; a failure here is the next attempt's to report."""
+    try:
+        with map_redis_errors():
+            await refresh(reason)
+    except ConnectionLostError as exc:
+        log.debug("refresh failed (%s); retrying anyway", exc)

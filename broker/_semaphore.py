@@ -13,14 +13,15 @@ import logging
 import random
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._errors import BrokerError
 from ._resource import cancel_and_wait
+from ._retry import retrying
 from ._scripts import Script
 
 if TYPE_CHECKING:
-    from ._broker import Broker
+    from ._topology import Link
 
 __all__ = ["GroupSemaphore"]
 
@@ -54,11 +55,20 @@ return 1
 """
 )
 
+#: KEYS: lease set. Returns the number of leases not expired (by the server's clock).
+_HOLDERS = Script(
+    """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"""
+)
+
 
 class GroupSemaphore:
     """At most ``limit`` holders at once across every process and host using ``key``."""
 
-    def __init__(self, broker: Broker, key: str, limit: int, *, lease: float = 30.0) -> None:
+    def __init__(self, broker: Link, key: str, limit: int, *, lease: float = 30.0) -> None:
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(f"group_concurrency must be an int >= 1, got {limit!r}")
         if lease <= 0:
@@ -69,13 +79,18 @@ class GroupSemaphore:
         self.lease_ms = max(1, int(lease * 1000))
         self.lost = 0  # leases that expired while their handler still ran
 
+    async def _call(self, fn: Any) -> Any:
+        topology = self.broker.topology
+        refresh = topology.refresh if topology.single is None else None
+        return await retrying(fn, self.broker.settings.retry, refresh=refresh)
+
     async def acquire(self) -> str:
         """Wait for a permit; returns the lease id."""
         lease_id = uuid.uuid4().hex
         pause = 0.005
         r = self.broker.redis
         while True:
-            granted = await self.broker.call(
+            granted = await self._call(
                 lambda: _ACQUIRE(r, [self.key], [self.limit, self.lease_ms, lease_id])
             )
             if granted:
@@ -84,7 +99,7 @@ class GroupSemaphore:
             pause = min(pause * 2, 0.1)
 
     async def release(self, lease_id: str) -> None:
-        await self.broker.call(lambda: self.broker.redis.zrem(self.key, lease_id))
+        await self._call(lambda: self.broker.redis.zrem(self.key, lease_id))
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
@@ -106,7 +121,7 @@ class GroupSemaphore:
         r = self.broker.redis
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
-            held = await self.broker.call(lambda: _RENEW(r, [self.key], [self.lease_ms, lease_id]))
+            held = await self._call(lambda: _RENEW(r, [self.key], [self.lease_ms, lease_id]))
             if not held:
                 self.lost += 1
                 log.warning("lease %s on %s expired while its handler ran", lease_id, self.key)
@@ -115,10 +130,5 @@ class GroupSemaphore:
     async def holders(self) -> int:
         """Leases currently held (expired ones not counted)."""
         r = self.broker.redis
-
-        async def count() -> int:
-            t = await r.time()
-            now = t[0] * 1000 + t[1] // 1000
-            return int(await r.zcount(self.key, f"({now}", "+inf"))
-
-        return int(await self.broker.call(count))
+        # the server's clock of the key's own node (a cluster's nodes each have theirs)
+        return int(await self._call(lambda: _HOLDERS(r, [self.key], [])))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import re
 from collections.abc import Sequence
@@ -11,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 from ._errors import ConfigurationError
 from ._message import Message
 from ._resource import AsyncResource
-from ._subscription import decode_entry
+from ._retry import retrying
+from ._stream import Stream, decode_entry
+from ._topology import Link, slot_of
 
 if TYPE_CHECKING:
-    from ._broker import Broker
-    from ._channel import Channel
+    from ._subscription import StreamSource
 
 __all__ = ["Tail", "parse_position"]
 
@@ -60,8 +62,8 @@ class Tail(AsyncResource):
 
     def __init__(
         self,
-        broker: Broker,
-        channels: Sequence[Channel[Any]],
+        broker: Link,
+        channels: Sequence[StreamSource],
         *,
         start: str | datetime = "new",
         last: int | None = None,
@@ -79,7 +81,8 @@ class Tail(AsyncResource):
             raise ConfigurationError("batch must be >= 1 and block > 0")
         self.broker = broker
         self.channels = list(channels)
-        self._by_key = {c.key.encode(): c for c in self.channels}
+        self.streams: list[Stream] = []
+        self._by_key: dict[bytes, Stream] = {}
         self._start: str = (
             start
             if isinstance(start, str) and start in ("new", "beginning")
@@ -114,32 +117,38 @@ class Tail(AsyncResource):
             return
         self._started = True
         r = self.broker.redis
+        for ch in self.channels:
+            self.streams += await ch.streams()
+        self._by_key = {s.key.encode(): s for s in self.streams}
 
         async def resolve() -> None:
-            for ch in self.channels:
+            for st in self.streams:
                 if self._last:
                     # one read: the cursor is the newest of these rows, so nothing added
                     # between two reads can be skipped
-                    rows = await r.xrevrange(ch.key, count=self._last)
-                    self._cursors[ch.name] = rows[0][0].decode() if rows else "0-0"
-                    self._ready.extend(self._decode(ch, e) for e in reversed(rows))
+                    rows = await r.xrevrange(st.key, count=self._last)
+                    self._cursors[st.key] = rows[0][0].decode() if rows else "0-0"
+                    self._ready.extend(self._decode(st, e) for e in reversed(rows))
                 elif self._last == 0 or self._start == "new":
-                    newest = await r.xrevrange(ch.key, count=1)
-                    self._cursors[ch.name] = newest[0][0].decode() if newest else "0-0"
+                    newest = await r.xrevrange(st.key, count=1)
+                    self._cursors[st.key] = newest[0][0].decode() if newest else "0-0"
                 elif self._start == "beginning":
-                    self._cursors[ch.name] = "0-0"
+                    self._cursors[st.key] = "0-0"
                 else:
-                    self._cursors[ch.name] = self._start
-                    self._inclusive.add(ch.name)
-                    await self._check_gap(ch, self._start)
+                    self._cursors[st.key] = self._start
+                    self._inclusive.add(st.key)
+                    await self._check_gap(st, self._start)
 
-        await self.broker.call(resolve)
+        await self._call(resolve)
         self._ready = collections.deque(sorted(self._ready, key=lambda m: _id_tuple(m.id)))
 
-    async def _check_gap(self, ch: Channel[Any], start: str) -> None:
+    async def _call(self, fn: Any) -> Any:
+        return await retrying(fn, self.broker.settings.retry)
+
+    async def _check_gap(self, st: Stream, start: str) -> None:
         """Note a gap when entries at or after ``start`` were deleted or trimmed away."""
         try:
-            info = await self.broker.redis.xinfo_stream(ch.key)
+            info = await self.broker.redis.xinfo_stream(st.key)
         except Exception:  # no such key: nothing was trimmed
             return
         first = info.get("first-entry")
@@ -153,7 +162,8 @@ class Tail(AsyncResource):
         trimmed = added is not None and int(added) > int(info["length"])  # unknown before 7.0
         by_trim = first_id is not None and _id_tuple(start) < _id_tuple(first_id) and trimmed
         if by_delete or by_trim:
-            self.gaps[ch.name] = first_id or "(empty)"
+            name = st.channel if st.partition is None else f"{st.channel}#{st.partition}"
+            self.gaps[name] = first_id or "(empty)"
 
     async def __anext__(self) -> Message[Any]:
         await self._begin()
@@ -162,14 +172,15 @@ class Tail(AsyncResource):
                 raise StopAsyncIteration
             if self._ready:
                 msg = self._ready.popleft()
+                key = msg._stream.key if msg._stream else msg.channel
                 if self._until is not None and _id_tuple(msg.id) > self._until:
-                    self._done.add(msg.channel)
+                    self._done.add(key)
                     continue
-                self._cursors[msg.channel] = msg.id
-                self._inclusive.discard(msg.channel)
+                self._cursors[key] = msg.id
+                self._inclusive.discard(key)
                 self._seen += 1
                 return msg
-            active = [c for c in self.channels if c.name not in self._done]
+            active = [s for s in self.streams if s.key not in self._done]
             if not active:
                 raise StopAsyncIteration
             if await self._catch_up(active):
@@ -178,40 +189,66 @@ class Tail(AsyncResource):
                 raise StopAsyncIteration
             await self._wait_new(active)
 
-    async def _catch_up(self, active: list[Channel[Any]]) -> bool:
-        """One ``XRANGE`` page per channel; False when every channel is at its end."""
+    async def _catch_up(self, active: list[Stream]) -> bool:
+        """One ``XRANGE`` page per stream; False when every stream is at its end."""
         r = self.broker.redis
 
         async def page() -> list[Any]:
             pipe = r.pipeline(transaction=False)
-            for ch in active:
-                cursor = self._cursors[ch.name]
-                low = cursor if ch.name in self._inclusive else f"({cursor}"
-                pipe.xrange(ch.key, min=low, count=self._batch)
+            for st in active:
+                cursor = self._cursors[st.key]
+                low = cursor if st.key in self._inclusive else f"({cursor}"
+                pipe.xrange(st.key, min=low, count=self._batch)
             return list(await pipe.execute())
 
         found = False
-        pages = await self.broker.call(page)
+        pages = await self._call(page)
         merged: list[Message[Any]] = []
-        for ch, rows in zip(active, pages, strict=True):
+        for st, rows in zip(active, pages, strict=True):
             if rows:
                 found = True
-                merged.extend(self._decode(ch, e) for e in rows)
+                merged.extend(self._decode(st, e) for e in rows)
         merged.sort(key=lambda m: _id_tuple(m.id))
         self._ready.extend(merged)
         return found
 
-    async def _wait_new(self, active: list[Channel[Any]]) -> None:
+    async def _wait_new(self, active: list[Stream]) -> None:
+        """Wait for new entries: one blocking ``XREAD`` when the streams can be read together
+        (one server, or one slot of a cluster); otherwise (streams in several slots, which no
+        single command may name) poll them together, backing off while nothing comes."""
         r = self.broker.redis
-        streams = {ch.key: self._cursors[ch.name] for ch in active}
-        reply = await self.broker.call(
-            lambda: r.xread(streams, count=self._batch, block=self._block)
-        )
+        if self.broker.topology.single is not None or len({slot_of(s.key) for s in active}) == 1:
+            streams = {st.key: self._cursors[st.key] for st in active}
+            reply = await self._call(lambda: r.xread(streams, count=self._batch, block=self._block))
+        else:
+            reply = []
+            pause = 0.01
+            waited = 0.0
+            while not reply and waited * 1000 < self._block:
+
+                async def poll() -> list[Any]:
+                    pipe = r.pipeline(transaction=False)
+                    for st in active:
+                        pipe.xread({st.key: self._cursors[st.key]}, count=self._batch)
+                    return [x for res in await pipe.execute() for x in (res or [])]
+
+                reply = await self._call(poll)
+                if not reply:
+                    await asyncio.sleep(pause)
+                    waited += pause
+                    pause = min(pause * 2, 0.25)
         merged: list[Message[Any]] = []
-        for key, rows in reply or []:
+        for key, rows in _items(reply):
             merged.extend(self._decode(self._by_key[key], e) for e in rows)
         merged.sort(key=lambda m: _id_tuple(m.id))
         self._ready.extend(merged)
 
-    def _decode(self, ch: Channel[Any], entry: Any) -> Message[Any]:
-        return decode_entry(ch, entry[0].decode(), entry[1])
+    def _decode(self, st: Stream, entry: Any) -> Message[Any]:
+        return decode_entry(st, entry[0].decode(), entry[1])
+
+
+def _items(reply: Any) -> list[tuple[bytes, Any]]:
+    """``XREAD``'s reply as ``[(key, rows)]``: RESP2 gives a list of pairs, RESP3 a map."""
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return [(k, v) for k, v in (reply or [])]

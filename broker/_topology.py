@@ -13,13 +13,16 @@ import asyncio
 import functools
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.crc import key_slot
 
 from ._wire import Wire
 
-__all__ = ["Topology", "routing_error", "slot_of"]
+if TYPE_CHECKING:
+    from ._settings import Settings
+
+__all__ = ["Link", "Topology", "routing_error", "slot_of"]
 
 log = logging.getLogger("broker.cluster")
 
@@ -72,6 +75,7 @@ class Topology:
         self._slots: list[Wire | None] = []
         #: bumped each time the slot map changes: readers regroup when it moves
         self.generation = 0
+        self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         if cluster:
             self._load()
@@ -132,6 +136,10 @@ class Topology:
 
     # -- changes ------------------------------------------------------------------------------
 
+    async def wait_changed(self) -> None:
+        """Return when the slot map changes next (never, on one server)."""
+        await self._changed.wait()
+
     async def refresh(self, reason: str) -> None:
         """Re-read the slot map from the cluster (a no-op on one server).
 
@@ -148,6 +156,8 @@ class Topology:
             self._load()
             if [w.name if w else None for w in self._slots] != before:
                 self.generation += 1
+                changed, self._changed = self._changed, asyncio.Event()
+                changed.set()
                 log.warning(
                     "cluster slot map changed (%s): primaries now %s",
                     reason,
@@ -181,3 +191,17 @@ class Topology:
         for wire in wires:
             if wire is not None:
                 await wire.aclose()
+
+
+class Link(Protocol):
+    """The narrow view of the connections that the parts of a subscription, a tail or a stop
+    token need: the settings, the generic client and the topology (a broker is one)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def redis(self) -> Any: ...
+
+    @property
+    def topology(self) -> Topology: ...

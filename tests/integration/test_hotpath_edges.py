@@ -80,15 +80,17 @@ async def test_reader_cancelled_right_after_its_wake_passes_the_message_on(
     async with ch.subscribe(group="g", prefetch=8, block=0.2) as sub:
         readers = [asyncio.create_task(anext(sub)) for _ in range(4)]
         await asyncio.sleep(0.1)
-        first = sub._waiters[0]
-        wake = sub._wake
+        ledger = sub._ledger
+        assert ledger is not None
+        first = ledger.waiters[0]
+        wake = ledger.wake
 
         def wake_then_cancel(n: int | None = None) -> None:
             wake(n)
             if first.done() and not readers[0].done():
                 readers[0].cancel()  # woken, then cancelled before it runs
 
-        sub._wake = wake_then_cancel  # type: ignore[method-assign]
+        ledger.wake = wake_then_cancel  # type: ignore[method-assign]
         await ch.publish("x")
         done, _ = await asyncio.wait(readers[1:], timeout=3, return_when=asyncio.FIRST_COMPLETED)
         assert done, "the message woke a reader that was cancelled, and nobody else"

@@ -1,0 +1,299 @@
+"""Settlements of a subscription: acks, idle resets ("touches") and dead letters, sent in
+batches from one task, one payload per node, and the error boundary of group commands.
+
+An ack is queued by ``msg.ack()`` and leaves with the next batch: one ``XACK`` per stream with
+every id acked since the last batch. A touch resets the idle time of entries this consumer
+holds (``XCLAIM ... JUSTID``), so other consumers do not claim them. A dead letter moves an
+entry to the stream's dead-letter stream and acks it, in one Lua script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from ._errors import (
+    BrokerError,
+    ConnectionLostError,
+    GroupMissingError,
+    RedisCommandError,
+    map_redis_errors,
+)
+from ._message import Message
+from ._retry import retrying
+from ._scripts import DEAD_LETTER
+from ._stream import Stream
+from ._topology import Link, routing_error
+from ._wire import Wire, bulk, pack, pack_strs
+
+__all__ = ["GroupCalls", "Settler"]
+
+log = logging.getLogger("broker.subscription")
+
+
+class GroupCalls:
+    """The error boundary of one group's commands: redis-py errors mapped, ``NOGROUP`` and
+    ``UNBLOCKED`` turned into :class:`GroupMissingError` naming the channel that lost its group,
+    lost connections retried until the reconnect deadline (re-reading a cluster's slot map)."""
+
+    def __init__(self, link: Link, group: str, streams: Sequence[Stream]) -> None:
+        self.link = link
+        self.group = group
+        self.streams = list(streams)
+
+    async def call(self, fn: Callable[[], Awaitable[Any]], stream: Stream | None = None) -> Any:
+        """One call, errors mapped."""
+        try:
+            with map_redis_errors(stream.channel if stream else None):
+                return await fn()
+        except RedisCommandError as exc:
+            # NOGROUP: group or stream gone; UNBLOCKED: the stream was deleted under a
+            # blocked read (Redis 7)
+            if str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                missing = next((s for s in self.streams if f"'{s.key}'" in str(exc)), stream)
+                if missing is None:
+                    # the answer to a blocked multi-stream read names no key: ask the server
+                    missing = await self.without_group()
+                raise GroupMissingError(missing.channel, self.group) from exc
+            raise
+
+    async def retry(self, fn: Callable[[], Awaitable[Any]], stream: Stream | None = None) -> Any:
+        """:meth:`call`, retried over lost connections until the reconnect deadline."""
+        link = self.link
+        refresh = link.topology.refresh if link.topology.single is None else None
+        return await retrying(lambda: self.call(fn, stream), link.settings.retry, refresh=refresh)
+
+    async def without_group(self) -> Stream:
+        """The first stream whose key or group is gone (a user recreates the group from
+        ``GroupMissingError.channel``); the first stream if none is, or if we cannot tell."""
+        r = self.link.redis
+        for stream in self.streams:
+            try:
+                with map_redis_errors(stream.channel):
+                    async with asyncio.timeout(self.link.settings.connect_timeout):
+                        groups = await r.xinfo_groups(stream.key)
+            except RedisCommandError:  # no such key
+                return stream
+            except (BrokerError, TimeoutError):
+                break
+            names = {_text(g["name"]) for g in groups}
+            if self.group not in names:
+                return stream
+        return self.streams[0]
+
+
+@dataclasses.dataclass(slots=True)
+class DeadOp:
+    stream: Stream
+    id: str
+    fields: dict[bytes, bytes]
+    error: str
+    deliveries: int
+
+
+class Settler:
+    """Queues acks, touches and dead letters, and sends them: one payload per node per round.
+
+    :param wake: called when something was queued (the subscription's ack loop sends it).
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        calls: GroupCalls,
+        consumer: str,
+        streams: Sequence[Stream],
+        dead_maxlen: int,
+    ) -> None:
+        self.link = link
+        self.calls = calls
+        self.group = calls.group
+        self.consumer = consumer
+        self.by_key = {s.key: s for s in streams}
+        self.dead_maxlen = dead_maxlen
+        #: acks not yet sent, by stream key
+        self.acks: dict[str, list[str]] = {}
+        self.touch: dict[str, set[str]] = {}
+        self.dead: list[DeadOp] = []
+        #: entries in the batch on the wire right now
+        self.sending = 0
+        #: acks and dead letters on the wire right now (still held: a replay must skip them)
+        self.in_transit: tuple[dict[str, list[str]], list[DeadOp]] = ({}, [])
+        #: recently reported trimmed entries (bounded), so each is reported once
+        self.trimmed_seen: dict[tuple[str, str], None] = {}
+        self.dead_lettered = 0
+        self.trimmed = 0
+        self.wake = asyncio.Event()
+        self.kicked = False  # ``wake`` is set (a plain flag is cheaper on the hot path)
+        self.flushed = asyncio.Event()
+        self.flushed.set()
+
+    # -- queueing (synchronous, from the application's tasks) ---------------------------------
+
+    def kick(self) -> None:
+        if not self.kicked:
+            self.kicked = True
+            self.wake.set()
+
+    def ack_ids(self, key: str, ids: list[str]) -> None:
+        bucket = self.acks.get(key)
+        if bucket is None:
+            self.acks[key] = list(ids)
+        else:
+            bucket.extend(ids)
+        self.kick()
+
+    def dead_letter(self, msg: Message[Any], error: str) -> None:
+        stream = msg._stream
+        assert stream is not None
+        self.dead.append(DeadOp(stream, msg.id, msg.fields, error, msg.deliveries))
+        self.dead_lettered += 1
+        log.warning("dead-lettered %s %s: %s", msg.channel, msg.id, error)
+        self.kick()
+
+    def touch_ids(self, key: str, ids: set[str] | list[str]) -> None:
+        self.touch.setdefault(key, set()).update(ids)
+
+    def note_trimmed(self, stream: Stream, ids: list[str], *, ack: bool = True) -> None:
+        """Entries deleted while pending: acked (when still pending), counted and logged once."""
+        fresh = []
+        for entry_id in ids:
+            if (stream.key, entry_id) in self.trimmed_seen:
+                continue
+            self.trimmed_seen[(stream.key, entry_id)] = None
+            if len(self.trimmed_seen) > 1024:
+                self.trimmed_seen.pop(next(iter(self.trimmed_seen)))
+            self.trimmed += 1
+            fresh.append(entry_id)
+            log.warning(
+                "%s %s was trimmed while pending; dropped without delivery", stream.key, entry_id
+            )
+        if ack and fresh:
+            self.ack_ids(stream.key, fresh)
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def unsent(self) -> int:
+        """Acks queued and not yet on the wire, plus those on the wire."""
+        return sum(map(len, self.acks.values())) + self.sending
+
+    def pending(self) -> int:
+        return sum(map(len, self.acks.values())) + len(self.dead) + self.sending
+
+    def idle(self) -> bool:
+        return not (self.acks or self.dead or self.touch or self.sending)
+
+    def held(self) -> set[tuple[str, str]]:
+        """``(stream key, id)`` of entries being settled (a replay must skip them)."""
+        held = {(key, i) for key, ids in self.acks.items() for i in ids}
+        held.update((op.stream.key, op.id) for op in self.dead)
+        acks, dead = self.in_transit
+        held.update((key, i) for key, ids in acks.items() for i in ids)
+        held.update((op.stream.key, op.id) for op in dead)
+        return held
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def loop(self, room: asyncio.Event) -> None:
+        """The ack loop: send what was queued, each time something was."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            self.kicked = False
+            try:
+                await self.send()
+            finally:
+                room.set()
+            if self.idle():
+                self.flushed.set()
+
+    async def send(self) -> None:
+        acks, self.acks = self.acks, {}
+        dead, self.dead = self.dead, []
+        touch, self.touch = self.touch, {}
+        if not (acks or dead or touch):
+            return
+        self.sending = sum(map(len, acks.values())) + len(dead)
+        self.in_transit = (acks, dead)
+        r = self.link.redis
+        topology = self.link.topology
+
+        async def send() -> None:
+            # one payload per node: every XACK and touch of the streams it owns
+            payloads: dict[Wire, list[bytes]] = {}
+            for key, ids in acks.items():
+                payloads.setdefault(topology.wire_for(key), []).append(self._xack(key, ids))
+            for key, tids in touch.items():
+                payloads.setdefault(topology.wire_for(key), []).append(
+                    pack(b"XCLAIM", key, self.group, self.consumer, 0, *tids, b"JUSTID")
+                )
+            if payloads:
+                await asyncio.gather(*(_send(w, parts) for w, parts in payloads.items()))
+            while dead:
+                op = dead[0]
+                await DEAD_LETTER(r, [op.stream.key, op.stream.dead_key], self._dead_args(op))
+                dead.pop(0)
+
+        try:
+            await self.calls.retry(send)
+        finally:
+            self.sending = 0
+            self.in_transit = ({}, [])
+
+    def _xack(self, key: str, ids: list[str]) -> bytes:
+        return b"*%d\r\n$4\r\nXACK\r\n%b%b%b" % (
+            3 + len(ids),
+            bulk(key.encode()),
+            bulk(self.group.encode()),
+            pack_strs(ids),
+        )
+
+    async def flush(self, error: Callable[[], BaseException | None]) -> None:
+        """Wait until every ack, touch and dead letter so far reached the server."""
+        while not self.idle():
+            exc = error()
+            if exc is not None:
+                raise exc
+            self.flushed.clear()
+            self.wake.set()
+            await self.flushed.wait()
+
+    def _dead_args(self, op: DeadOp) -> list[Any]:
+        args: list[Any] = [self.group, op.id, self.dead_maxlen]
+        for k, v in op.fields.items():
+            args += [k, v]
+        args += [
+            b"dead.id",
+            op.id,
+            b"dead.channel",
+            op.stream.channel,
+            b"dead.group",
+            self.group,
+            b"dead.consumer",
+            self.consumer,
+            b"dead.error",
+            op.error[:4096],
+            b"dead.deliveries",
+            str(op.deliveries),
+        ]
+        if op.stream.partition is not None:
+            args += [b"dead.partition", str(op.stream.partition)]
+        return args
+
+
+async def _send(wire: Wire, parts: list[bytes]) -> None:
+    """One node's part of a batch. A redirection (the slot moved) is a reason to re-read the
+    slot map and send the whole batch again: acks and touches are idempotent."""
+    for reply in await wire.execute(b"".join(parts), len(parts)):
+        if isinstance(reply, BaseException):
+            kind = routing_error(reply)
+            if kind is not None:
+                raise ConnectionLostError(f"{kind} from {wire.name}: the slot moved") from reply
+            raise reply
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
