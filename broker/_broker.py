@@ -27,6 +27,7 @@ from ._wire import Wire
 if TYPE_CHECKING:
     from ._channel import Channel
     from ._message import Message
+    from ._pubsub import Hub
     from ._stop import RemoteStopSource, RemoteStopToken, StopHub, StopToken
     from ._subscription import Subscription
     from ._tail import Tail
@@ -71,6 +72,7 @@ class Broker(AsyncResource):
         self._tasks: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
         self._hub: StopHub | None = None
+        self._pubsub: Hub | None = None
         self._clock_offset_ms = 0
         #: the ``redis_version`` the server reported when the broker connected
         self.server_version = ""
@@ -146,6 +148,8 @@ class Broker(AsyncResource):
             return
         if self._hub is not None:
             await self._hub.aclose()
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
         if self._publisher is not None and self._publisher_task is not None:
             self._publisher.close()  # sends what was accepted, then ends
             try:
@@ -241,6 +245,14 @@ class Broker(AsyncResource):
             coro.close()
             raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
         return self._tasks.create_task(coro, name=name)
+
+    def _pubsub_hub(self) -> Hub:
+        """The pub/sub hub: one connection per node for every listener of this broker."""
+        if self._pubsub is None:
+            from ._pubsub import Hub
+
+            self._pubsub = Hub(self, self._spawn)
+        return self._pubsub
 
     def _stop_hub(self) -> StopHub:
         if self._hub is None:

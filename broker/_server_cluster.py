@@ -46,10 +46,7 @@ class EmbeddedCluster:
         self.node_timeout = node_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="broker-cluster-")
         self.nodes: list[EmbeddedServer] = []
-        #: each node's cluster bus port (not port + 10000: ephemeral ports are often > 55535)
-        self.bus_ports: list[int] = []
         for i in range(masters * (1 + replicas)):
-            self.bus_ports.append(_free_port())
             folder = Path(self._tmp.name, f"node{i}")
             folder.mkdir()
             self.nodes.append(
@@ -63,8 +60,9 @@ class EmbeddedCluster:
                         "nodes.conf",
                         "--cluster-node-timeout",
                         str(node_timeout),
+                        # the bus port is not port + 10000: ephemeral ports are often > 55535
                         "--cluster-port",
-                        str(self.bus_ports[-1]),
+                        str(_free_port()),
                         # a replica promoted after its primary died must take over at once
                         "--cluster-replica-validity-factor",
                         "0",
@@ -92,7 +90,7 @@ class EmbeddedCluster:
             _call(self.nodes[i].port, "CLUSTER", "ADDSLOTSRANGE", i * per, last)
         first = self.nodes[0]
         for node in self.nodes[1:]:
-            _call(node.port, "CLUSTER", "MEET", "127.0.0.1", first.port, self.bus_ports[0])
+            _call(node.port, "CLUSTER", "MEET", "127.0.0.1", first.port, bus_port(first))
         # every node must know every other before a replica can follow its primary
         while not all(_known(n.port) >= len(self.nodes) for n in self.nodes):
             _check_time(deadline, "the nodes to meet")
@@ -158,6 +156,11 @@ class EmbeddedCluster:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def bus_port(node: EmbeddedServer) -> int:
+    """A node's cluster bus port (chosen again when its first choice was taken)."""
+    return int(node.extra[node.extra.index("--cluster-port") + 1])
 
 
 def _check_time(deadline: float, what: str) -> None:

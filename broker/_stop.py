@@ -16,7 +16,6 @@ Key and channel: ``<namespace>:stop:{<name>}`` (value: msgpack ``{"reason", "at"
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -24,17 +23,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 
-from ._errors import (
-    BrokerError,
-    ClosedError,
-    ConnectionLostError,
-    PermissionDeniedError,
-    RedisCommandError,
-    map_redis_errors,
-)
+from ._errors import BrokerError, ClosedError, PermissionDeniedError, map_redis_errors
 from ._names import check_channel
+from ._pubsub import CHECK_INTERVAL, Listener
 from ._resource import AsyncResource, cancel_and_wait
-from ._retry import Backoff
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -42,9 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["RemoteStopSource", "RemoteStopToken", "StopSource", "StopToken", "stop_key"]
 
 log = logging.getLogger("broker.stop")
-#: seconds between a pub/sub PING (and a read of every stop key) and the PONG deadline
-CHECK_INTERVAL = 2.0
-PONG_DEADLINE = 5.0
 T = TypeVar("T")
 
 
@@ -231,18 +220,28 @@ class RemoteStopSource:
         r = self.broker.redis
 
         async def fire() -> int:
+            # one MULTI: the record and the message (on a cluster SPUBLISH, whose channel is
+            # the record's key: one slot)
             pipe = r.pipeline(transaction=True)
             pipe.set(self.key, value, px=None if ttl is None else int(ttl * 1000))
-            pipe.publish(self.key, value)
+            if self.broker.cluster:
+                pipe.execute_command("SPUBLISH", self.key, value)
+            else:
+                pipe.publish(self.key, value)
             _, receivers = await pipe.execute()
             return int(receivers)
 
         try:
-            return int(await self.broker.call(fire))
+            receivers = int(await self.broker.call(fire))
         except PermissionDeniedError as exc:
             raise PermissionDeniedError(
                 f"cannot fire stop {self.name!r} (key and pub/sub channel {self.key!r}): {exc}"
             ) from exc
+        # the tokens of this process fire now, not when the message comes back to it
+        hub = self.broker._hub
+        if hub is not None:
+            hub._fire(self.key, reason)
+        return receivers
 
     async def reset(self) -> bool:
         """Clear a recorded stop so the name can be used again; True if one was recorded.
@@ -309,48 +308,52 @@ class RemoteStopToken(StopToken, AsyncResource):
 
 
 class StopHub:
-    """One pub/sub connection and one reader task for every remote token of a broker."""
+    """The remote tokens of a broker, on its pub/sub hub: one listener per stop name (shared by
+    every token of that name), the record read after each gap, and every record read again
+    every ``CHECK_INTERVAL`` by one poll task (a stop whose publish was lost is seen anyway)."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._tokens: dict[str, set[RemoteStopToken]] = {}
-        self._confirmed: dict[str, asyncio.Event] = {}
-        #: keys of each SUBSCRIBE sent and not yet answered, oldest first: an error reply (a
-        #: NOPERM, say) answers the oldest one, and names no channel
-        self._awaiting: collections.deque[list[str]] = collections.deque()
-        self._refused: dict[str, BrokerError] = {}
-        self._pubsub: Any = None
+        self._listeners: dict[str, Listener] = {}
         self._lock = asyncio.Lock()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._generation = 0
-        self.reconnects = 0
+        self._poller: asyncio.Task[None] | None = None
 
     @property
-    def _redis(self) -> Any:
-        return self.broker.redis
+    def reconnects(self) -> int:
+        return self.broker._pubsub_hub().reconnects
 
     async def register(self, token: RemoteStopToken) -> None:
+        hub = self.broker._pubsub_hub()
         async with self._lock:
-            if self._task is None:
-                self._task = self.broker._spawn(self._reader(), name="broker-stop-hub")
+            if self._poller is None:
+                self._poller = self.broker._spawn(self._poll(), name="broker-stop-poll")
             first = token.key not in self._tokens
             self._tokens.setdefault(token.key, set()).add(token)
             if first:
+                key = token.key
+
+                def on_message(data: bytes) -> None:
+                    self._fire(key, _decode(data))
+
+                async def on_gap() -> None:
+                    await self._read([key])
+
+                listener = Listener(key, on_message, on_gap)
                 try:
-                    await self._subscribe([token.key])
+                    await hub.add(listener)
                 except BaseException:
-                    # refused (or cancelled): this key is not subscribed; forget it quietly
+                    # refused (or cancelled): this key is not listened to; forget it quietly
                     tokens = self._tokens.get(token.key)
                     if tokens is not None:
                         tokens.discard(token)
                         if not tokens:
                             del self._tokens[token.key]
-                            self._confirmed.pop(token.key, None)
                     raise
+                self._listeners[token.key] = listener
         # the subscription is confirmed: a stop published from now on reaches us, and one
         # published before is in the key
-        raw = await self.broker.call(lambda: self._redis.get(token.key))
+        raw = await self.broker.call(lambda: self.broker.redis.get(token.key))
         if raw is not None:
             token._fire(_decode(raw))
 
@@ -363,209 +366,46 @@ class StopHub:
             if tokens:
                 return
             del self._tokens[token.key]
-            self._confirmed.pop(token.key, None)
-            if self._pubsub is not None:
-                try:
-                    with map_redis_errors():
-                        await self._pubsub.unsubscribe(token.key)
-                except ConnectionLostError:
-                    pass  # the reader resubscribes only to the keys still registered
+            listener = self._listeners.pop(token.key, None)
+            if listener is not None:
+                await self.broker._pubsub_hub().remove(listener)
 
-    async def _subscribe(self, keys: list[str]) -> None:
-        """Subscribe and wait for the server's confirmations (read by the reader task)."""
-        backoff = self.broker.settings.retry.backoff()
-        while True:
-            events = {k: self._confirmed.setdefault(k, asyncio.Event()) for k in keys}
-            try:
-                with map_redis_errors():
-                    if self._pubsub is None:
-                        self._pubsub = self._redis.pubsub()
-                    self._awaiting.append(list(keys))
-                    await self._pubsub.subscribe(*keys)
-                self._wake.set()
-                async with asyncio.timeout(self.broker.settings.connect_timeout):
-                    for ev in events.values():
-                        await ev.wait()
-                refused = [self._refused.pop(k) for k in keys if k in self._refused]
-                if refused:
-                    raise refused[0]
-                return
-            except (ConnectionLostError, TimeoutError) as exc:
-                await self._reset_connection()
-                await backoff.wait(
-                    exc
-                    if isinstance(exc, ConnectionLostError)
-                    else ConnectionLostError("no subscribe confirmation")
-                )
-                keys = list(self._tokens)
+    def _fire(self, key: str, reason: str | None) -> None:
+        for token in list(self._tokens.get(key, ())):
+            token._fire(reason)
 
-    async def _reset_connection(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        self._awaiting.clear()
-        for ev in self._confirmed.values():
-            ev.clear()
-        if pubsub is not None:
-            try:
-                await pubsub.aclose()
-            except Exception:  # a broken connection may fail to close; it is dropped anyway
-                pass
-
-    async def _reader(self) -> None:
-        """Dispatch pub/sub messages; detect a stalled connection; poll the keys.
-
-        Every ``CHECK_INTERVAL`` the reader PINGs on the pub/sub connection (a partition that
-        stalls TCP raises no error: without a PONG in ``PONG_DEADLINE`` it reconnects) and reads
-        every stop key, so a stop whose publish was lost is seen within a few seconds anyway.
-        """
-        backoff = self.broker.settings.retry.backoff()
-        last_check = time.monotonic()
-        ping_sent: float | None = None
-        while True:
-            pubsub = self._pubsub
-            if pubsub is None or not self._tokens:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                now = time.monotonic()
-                if ping_sent is not None and now - ping_sent > PONG_DEADLINE:
-                    raise ConnectionLostError(
-                        f"pub/sub connection stalled (no PONG in {PONG_DEADLINE:g}s)"
-                    )
-                if now - last_check >= CHECK_INTERVAL:
-                    last_check = now
-                    await self._poll_keys()
-                    if ping_sent is None:
-                        with map_redis_errors():
-                            await pubsub.ping()
-                        ping_sent = now
-                with map_redis_errors():
-                    msg = await pubsub.get_message(timeout=1.0)
-                backoff.reset()
-            except (PermissionDeniedError, RedisCommandError) as exc:
-                # an error reply on a healthy connection: it answers the oldest SUBSCRIBE not
-                # yet confirmed, whose registration raises it; nothing else stops
-                self._refuse(exc)
-                continue
-            except ConnectionLostError as exc:
-                ping_sent = None
-                if self._pubsub is not pubsub:
-                    continue
-                self.reconnects += 1
-                log.warning("stop tokens: pub/sub connection lost (%s); reconnecting", exc)
-                await self._reset_connection()
-                await self._recover(backoff, exc)
-                continue
-            except RuntimeError:  # the connection was closed under us by unregister/reset
-                await asyncio.sleep(0)
-                continue
-            if msg is None:
-                continue
-            kind = msg.get("type")
-            if kind in (b"pong", "pong"):
-                ping_sent = None
-                continue
-            channel = _text(msg["channel"])
-            if kind in (b"subscribe", "subscribe"):
-                self._answered(channel)
-                ev = self._confirmed.get(channel)
-                if ev is not None:
-                    ev.set()
-            elif kind in (b"message", "message"):
-                reason = _decode(msg["data"])
-                for token in list(self._tokens.get(channel, ())):
-                    token._fire(reason)
-
-    def _answered(self, key: str) -> None:
-        for keys in self._awaiting:
-            if key in keys:
-                keys.remove(key)
-                break
-        while self._awaiting and not self._awaiting[0]:
-            self._awaiting.popleft()
-
-    def _refuse(self, exc: BrokerError) -> None:
-        if not self._awaiting:
-            log.warning("stop tokens: the server answered with an error: %s", exc)
-            return
-        for key in self._awaiting.popleft():
-            self._refused[key] = exc
-            ev = self._confirmed.get(key)
-            if ev is not None:
-                ev.set()
-
-    async def _poll_keys(self) -> None:
-        """Read every stop key once (bounded: a stalled connection must not stall the reader)."""
-        keys = [k for k, tokens in self._tokens.items() if any(not t.stopped for t in tokens)]
+    async def _read(self, keys: list[str]) -> None:
+        """Read stop records (bounded: a stalled connection must not stall the caller)."""
+        keys = [k for k in keys if any(not t.stopped for t in self._tokens.get(k, ()))]
         if not keys:
             return
+        r = self.broker.redis
+
+        async def read() -> list[Any]:
+            if not self.broker.cluster:
+                return list(await r.mget(keys))
+            pipe = r.pipeline(transaction=False)  # the keys live in different slots
+            for key in keys:
+                pipe.get(key)
+            return list(await pipe.execute())
+
         try:
             async with asyncio.timeout(CHECK_INTERVAL):
                 with map_redis_errors():
-                    values = await self._redis.mget(keys)
+                    values = await read()
         except (TimeoutError, BrokerError) as exc:
-            log.debug("stop tokens: key poll failed (%s)", exc)
+            log.debug("stop tokens: reading the records failed (%s)", exc)
             return
         for key, raw in zip(keys, values, strict=True):
             if raw is not None:
-                for token in list(self._tokens.get(key, ())):
-                    token._fire(_decode(raw))
+                self._fire(key, _decode(raw))
 
-    async def _recover(self, backoff: Backoff, exc: ConnectionLostError) -> None:
-        """Resubscribe everything, then read every key: stops published meanwhile were lost."""
-        while self._tokens:
-            try:
-                await backoff.wait(exc)
-            except ConnectionLostError as gone:
-                # a hub has no caller to raise to: keep trying, at the backoff's cap
-                log.error("stop tokens: %s; still retrying", gone)
-                backoff.reset()
-                backoff.attempt = 10
-                continue
-            keys = list(self._tokens)
-            try:
-                if self._pubsub is not None:
-                    # a token registered meanwhile opened one: keep a single connection
-                    await self._reset_connection()
-                with map_redis_errors():
-                    self._pubsub = self._redis.pubsub()
-                    await self._pubsub.subscribe(*keys)
-                    # read the confirmations here: the reader is this task
-                    confirmed: set[str] = set()
-                    async with asyncio.timeout(self.broker.settings.connect_timeout):
-                        while confirmed != set(keys):
-                            msg = await self._pubsub.get_message(timeout=1.0)
-                            if msg and msg.get("type") in (b"subscribe", "subscribe"):
-                                ch = msg["channel"]
-                                confirmed.add(ch.decode() if isinstance(ch, bytes) else ch)
-                            elif msg and msg.get("type") in (b"message", "message"):
-                                ch = msg["channel"]
-                                name = ch.decode() if isinstance(ch, bytes) else ch
-                                for token in list(self._tokens.get(name, ())):
-                                    token._fire(_decode(msg["data"]))
-                    values = await self._redis.mget(keys)
-            except (ConnectionLostError, TimeoutError) as again:
-                await self._reset_connection()
-                exc = again if isinstance(again, ConnectionLostError) else exc
-                continue
-            except BrokerError as refused:
-                # e.g. the user lost its channel permission while we were away: the keys are
-                # still polled every CHECK_INTERVAL, so tokens fire, only later; keep trying
-                log.error("stop tokens: cannot resubscribe (%s); polling the stop keys", refused)
-                await self._reset_connection()
-                backoff.attempt = 10  # retry at the backoff's cap
-                continue
-            for ev_key in keys:
-                self._confirmed.setdefault(ev_key, asyncio.Event()).set()
-            for key, raw in zip(keys, values, strict=True):
-                if raw is not None:
-                    for token in list(self._tokens.get(key, ())):
-                        token._fire(_decode(raw))
-            backoff.reset()
-            return
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_INTERVAL)
+            await self._read(list(self._tokens))
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
-        await self._reset_connection()
+        if self._poller is not None:
+            await cancel_and_wait(self._poller)
+            self._poller = None

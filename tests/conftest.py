@@ -20,12 +20,14 @@ import subprocess
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 import broker
 from broker import EmbeddedServer, ServerNotFoundError
+from broker._server_cluster import EmbeddedCluster
 
 #: what the session's server is, for the report header
 _SERVER_NOTE: list[str] = []
@@ -95,16 +97,58 @@ def name() -> str:
     return f"ch-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[EmbeddedCluster]:
+    """A Redis Cluster of 3 primaries and 3 replicas, started from the suite's server binary
+    (PATH or the embedded one) on loopback, for the session; stopped even when a test fails."""
+    try:
+        with EmbeddedCluster(masters=3, replicas=1, node_timeout=2000) as c:
+            _SERVER_NOTE.append(f"a cluster of 6 {c.nodes[0].binary}")
+            yield c
+    except ServerNotFoundError as exc:
+        pytest.fail(f"no server binary for the cluster: {exc}", pytrace=False)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets ``SERVERS = ("single", "cluster")`` runs each of its tests that use
+    a server (the ``server``, ``client`` or ``raw`` fixtures) on each kind."""
+    kinds = getattr(metafunc.module, "SERVERS", None)
+    if kinds and "server" in metafunc.fixturenames:
+        metafunc.parametrize("server", kinds, indirect=True)
+
+
 @pytest.fixture
-async def client(redis_url: str, namespace: str) -> AsyncIterator[broker.Broker]:
-    async with broker.connect(redis_url, namespace=namespace, reconnect_deadline=10) as b:
+def server(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The URL a test runs against: the single server, or the cluster (see ``SERVERS``)."""
+    kind = getattr(request, "param", "single")
+    if kind == "cluster":
+        return str(request.getfixturevalue("cluster").url)
+    return redis_url
+
+
+@pytest.fixture
+async def client(server: str, namespace: str) -> AsyncIterator[broker.Broker]:
+    async with broker.connect(server, namespace=namespace, reconnect_deadline=10) as b:
         yield b
 
 
+def raw_client(url: str) -> Any:
+    """A plain redis-py client for ``url`` (a ``RedisCluster`` for a cluster URL)."""
+    if url.startswith("redis+cluster://"):
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        hosts = url.split("://", 1)[1].split("/")[0].split(",")
+        nodes = [ClusterNode(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in hosts]
+        return RedisCluster(startup_nodes=nodes)
+    return aioredis.Redis.from_url(url)
+
+
 @pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A plain redis-py client, for checking the server's side."""
-    r = aioredis.Redis.from_url(redis_url)
+async def raw(server: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain redis-py client, for checking the server's side (a cluster client on a cluster)."""
+    r = raw_client(server)
+    if hasattr(r, "nodes_manager"):
+        await r.initialize()  # the slot map, for get_node_from_key
     yield r
     await r.aclose()
 

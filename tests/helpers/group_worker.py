@@ -3,7 +3,7 @@
 usage: python -m tests.helpers.group_worker URL NAMESPACE CHANNEL GROUP CONSUMER
                                             LOCAL GROUP_LIMIT HOLD LEASE
 
-Each handler increments ``<ns>:gauge`` in Redis, records the highest value in ``<ns>:peak``
+Each handler increments ``<ns>:{t}:gauge`` in Redis, records the highest value in ``<ns>:{t}:peak``
 (atomically), sleeps HOLD seconds and decrements. Runs until killed or stopped by token "end".
 """
 
@@ -26,16 +26,17 @@ async def main() -> None:
     url, ns, channel, group, consumer, local, limit, hold, lease = sys.argv[1:10]
     async with broker.connect(url, namespace=ns) as b:
         r = b.redis
-        gauge, peak = f"{ns}:gauge", f"{ns}:peak"
+        # one hash tag: the PEAK script touches both keys (one slot on a cluster)
+        gauge, peak = f"{ns}:{{t}}:gauge", f"{ns}:{{t}}:peak"
 
         async def handler(msg: broker.Message) -> None:
             await r.eval(PEAK, 2, gauge, peak)
             try:
-                await r.rpush(f"{ns}:started", msg.id)
+                await r.rpush(f"{ns}:{{t}}:started", msg.id)
                 await asyncio.sleep(float(hold))
             finally:
                 await r.decr(gauge)
-            await r.rpush(f"{ns}:done", msg.id)
+            await r.rpush(f"{ns}:{{t}}:done", msg.id)
 
         async with b.stop_token("end") as stop:
             print("ready", flush=True)

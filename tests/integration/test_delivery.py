@@ -23,6 +23,10 @@ async def consume_until(
             break
 
 
+# every scenario that uses a server runs on one server and on a Redis Cluster (3 + 3 nodes)
+SERVERS = ("single", "cluster")
+
+
 async def test_k_consumers_share_and_two_groups_each_see_all(
     client: broker.Broker, name: str, raw: aioredis.Redis
 ) -> None:
@@ -157,7 +161,7 @@ async def test_retention_maxlen_and_max_age(
 
 @pytest.mark.parametrize(("pipelines", "per_write"), [(1, 10), (4, 3)])
 async def test_publish_coalesces_concurrent_calls_and_keeps_order(
-    redis_url: str,
+    server: str,
     namespace: str,
     name: str,
     raw: aioredis.Redis,
@@ -175,7 +179,7 @@ async def test_publish_coalesces_concurrent_calls_and_keeps_order(
         writes += 1
         await original(self, command, check_health)
 
-    async with broker.connect(redis_url, namespace=namespace, max_pipelines=pipelines) as client:
+    async with broker.connect(server, namespace=namespace, max_pipelines=pipelines) as client:
         ch = client.channel(name)
         monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
 

@@ -14,6 +14,10 @@ import broker
 from tests.conftest import compare_ids
 
 
+# every scenario that uses a server runs on one server and on a Redis Cluster (3 + 3 nodes)
+SERVERS = ("single", "cluster")
+
+
 async def test_payload_that_breaks_the_codec_is_dead_lettered(
     client: broker.Broker, name: str, raw: aioredis.Redis
 ) -> None:
@@ -102,10 +106,10 @@ async def test_replay_over_many_channels_respects_prefetch(
         assert st.buffered + st.in_flight <= 8, st
 
 
-async def test_max_age_uses_the_servers_clock(redis_url: str, namespace: str) -> None:
+async def test_max_age_uses_the_servers_clock(server: str, namespace: str) -> None:
     real = time.time
     with mock.patch("time.time", lambda: real() + 120):  # this host's clock runs 2 min ahead
-        async with broker.connect(redis_url, namespace=namespace) as b:
+        async with broker.connect(server, namespace=namespace) as b:
             ch = b.channel("aged", max_age=60)
             await ch.create_group("g", start="all")
             ids = [await ch.publish("a"), *(await ch.publish_many(["b", "c"]))]

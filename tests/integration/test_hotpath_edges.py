@@ -11,6 +11,10 @@ import redis.asyncio as aioredis
 import broker
 
 
+# every scenario that uses a server runs on one server and on a Redis Cluster (3 + 3 nodes)
+SERVERS = ("single", "cluster")
+
+
 async def test_consume_survives_a_handler_that_raises_cancelled_error(
     client: broker.Broker, name: str
 ) -> None:
@@ -183,14 +187,15 @@ async def test_publish_to_a_stalled_server_fails_instead_of_hanging_on_reconnect
 
 
 async def test_publish_in_flight_at_close_leaves_no_open_connection(
-    redis_url: str, namespace: str, raw: aioredis.Redis
+    server: str, namespace: str, raw: aioredis.Redis
 ) -> None:
-    b = broker.connect(redis_url, namespace=namespace, reconnect_deadline=5)
+    b = broker.connect(server, namespace=namespace, reconnect_deadline=5)
     await b.__aenter__()
     ch = b.channel("closing")
     await ch.publish("warm")
-    wire = b.wire
-    await raw.execute_command("CLIENT", "PAUSE", 500, "WRITE")  # XADD waits for the pause
+    wire = b.topology.wire_for(ch.key)
+    on_node = {"target_nodes": raw.get_node_from_key(ch.key)} if b.cluster else {}
+    await raw.execute_command("CLIENT", "PAUSE", 500, "WRITE", **on_node)  # XADD waits
     pub = asyncio.create_task(ch.publish("in flight"))
     await asyncio.sleep(0.1)
     await b.aclose()
@@ -209,10 +214,10 @@ async def test_publish_in_flight_at_close_leaves_no_open_connection(
 
 
 async def test_connections_killed_mid_publish_and_read_lose_nothing_and_leak_nothing(
-    redis_url: str, namespace: str, raw: aioredis.Redis
+    server: str, namespace: str, raw: aioredis.Redis
 ) -> None:
     async with broker.connect(
-        redis_url, namespace=namespace, reconnect_deadline=10, max_pipelines=3
+        server, namespace=namespace, reconnect_deadline=10, max_pipelines=3
     ) as b:
         ch = b.channel("kill")
         sent: set[str] = set()
@@ -230,9 +235,10 @@ async def test_connections_killed_mid_publish_and_read_lose_nothing_and_leak_not
 
             r = asyncio.create_task(reader())
             writers = [asyncio.create_task(writer(k)) for k in range(8)]
+            on_node = {"target_nodes": raw.get_node_from_key(ch.key)} if b.cluster else {}
             for _ in range(5):
                 await asyncio.sleep(0.05)
-                await raw.client_kill_filter(_type="normal", skipme=True)
+                await raw.client_kill_filter(_type="normal", skipme=True, **on_node)
             async with asyncio.timeout(20):
                 await asyncio.gather(*writers)
                 while not got >= sent:
@@ -240,16 +246,16 @@ async def test_connections_killed_mid_publish_and_read_lose_nothing_and_leak_not
             sub.stop()
             await asyncio.wait_for(r, 5)
             await sub.flush()
-        pool = b.wire.pool
+        pool = b.topology.wire_for(ch.key).pool
         assert len(pool._in_use_connections) == 0
         assert len(pool._available_connections) <= 3 + 2
     assert await raw.xpending(ch.key, "g") and (await raw.xpending(ch.key, "g"))["pending"] == 0
 
 
 async def test_poison_and_oversized_payloads_on_the_fast_path_are_dead_lettered(
-    redis_url: str, namespace: str, raw: aioredis.Redis
+    server: str, namespace: str, raw: aioredis.Redis
 ) -> None:
-    async with broker.connect(redis_url, namespace=namespace, max_payload=64) as b:
+    async with broker.connect(server, namespace=namespace, max_payload=64) as b:
         ch = b.channel("poison")
         async with ch.subscribe(group="g", prefetch=8, block=0.1) as sub:
             await raw.xadd(ch.key, {"d": b"\xc1"})  # never valid msgpack
@@ -312,9 +318,9 @@ async def test_stop_during_consume_releases_the_buffered_messages(
 
 
 async def test_single_pipeline_keeps_the_order_of_concurrent_publishes(
-    redis_url: str, namespace: str, raw: aioredis.Redis
+    server: str, namespace: str, raw: aioredis.Redis
 ) -> None:
-    async with broker.connect(redis_url, namespace=namespace, max_pipelines=1) as b:
+    async with broker.connect(server, namespace=namespace, max_pipelines=1) as b:
         ch = b.channel("order")
         ids = await asyncio.wait_for(asyncio.gather(*(ch.publish(i) for i in range(300))), 10)
         entries = await raw.xrange(ch.key)

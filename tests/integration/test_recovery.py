@@ -19,6 +19,10 @@ from tests.conftest import compare_ids
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# every scenario that uses a server runs on one server and on a Redis Cluster (3 + 3 nodes)
+SERVERS = ("single", "cluster")
+
+
 async def test_nack_redelivers_with_count_then_dead_letters(
     client: broker.Broker, name: str, raw: aioredis.Redis
 ) -> None:
@@ -62,7 +66,7 @@ async def test_nack_with_delay_waits(client: broker.Broker, name: str) -> None:
 
 
 async def test_poison_foreign_and_trimmed_entries_do_not_stop_the_consumer(
-    client: broker.Broker, name: str, raw: aioredis.Redis, redis_url: str
+    client: broker.Broker, name: str, raw: aioredis.Redis, server: str
 ) -> None:
     ch = client.channel(name)
     # a consumer takes 3 entries and dies before acking; then two are trimmed away
@@ -75,10 +79,11 @@ async def test_poison_foreign_and_trimmed_entries_do_not_stop_the_consumer(
     await raw.xadd(ch.key, {"d": b"\xc1\xc1 not msgpack"})
     cli = shutil.which("redis-cli")
     if cli:
-        host_port = redis_url.split("//")[1].split("/")[0]
+        # the first host of the URL; -c follows a cluster's redirection to the key's node
+        host_port = server.split("//")[1].split("/")[0].split(",")[0]
         host, port = host_port.rsplit(":", 1)
         subprocess.run(
-            [cli, "-h", host, "-p", port, "XADD", ch.key, "*", "sensor", "7", "unit", "C"],
+            [cli, "-c", "-h", host, "-p", port, "XADD", ch.key, "*", "sensor", "7", "unit", "C"],
             check=True,
             capture_output=True,
         )
@@ -163,7 +168,7 @@ async def test_closing_releases_unhanded_messages(client: broker.Broker, name: s
 
 
 async def test_consumer_killed_with_sigkill_loses_nothing(
-    client: broker.Broker, name: str, namespace: str, redis_url: str, tmp_path: Path
+    client: broker.Broker, name: str, namespace: str, server: str, tmp_path: Path
 ) -> None:
     ch = client.channel(name)
     sent = await ch.publish_many(range(40))
@@ -173,7 +178,7 @@ async def test_consumer_killed_with_sigkill_loses_nothing(
             sys.executable,
             "-m",
             "tests.helpers.consumer",
-            redis_url,
+            server,
             namespace,
             name,
             "g",
@@ -275,7 +280,11 @@ async def test_connection_killed_mid_stream_resumes_without_loss(
                     while set(received) < set(sent):
                         await asyncio.sleep(0.01)
                 await asyncio.sleep(0.1)  # the subscription is now blocked in XREADGROUP
-                await raw.client_kill_filter(_type="normal", skipme=True)
+                if client.cluster:  # on the node that serves the channel (and blocks the read)
+                    node = raw.get_node_from_key(ch.key)
+                    await raw.client_kill_filter(_type="normal", skipme=True, target_nodes=node)
+                else:
+                    await raw.client_kill_filter(_type="normal", skipme=True)
             sent += await ch.publish_many(range(50))
             async with asyncio.timeout(20):
                 while set(received) < set(sent):

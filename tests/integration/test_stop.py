@@ -18,6 +18,10 @@ from tests.helpers.proxy import Proxy
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# every scenario that uses a server runs on one server and on a Redis Cluster (3 + 3 nodes)
+SERVERS = ("single", "cluster")
+
+
 async def test_local_source_token_and_children() -> None:
     source = StopSource()
     child = source.token.child()
@@ -112,9 +116,18 @@ async def test_many_tokens_share_one_pubsub_connection(client: broker.Broker, ra
         client.stop_token("a2") as t2,
         client.stop_token("a1") as t3,
     ):
-        clients = await raw.client_list(_type="pubsub")
-        mine = [c for c in clients if c.get("name") == "broker-py"]
-        assert len(mine) == 1, clients
+        if client.cluster:  # a connection per node that serves one of the channels
+            nodes = {raw.get_node_from_key(t.key).name for t in (t1, t2)}
+            for name in nodes:
+                conns = await raw.client_list(
+                    _type="pubsub", target_nodes=raw.get_node(node_name=name)
+                )
+                mine = [c for c in conns if c.get("name") == "broker-py"]
+                assert len(mine) == 1, (name, conns)
+        else:
+            clients = await raw.client_list(_type="pubsub")
+            mine = [c for c in clients if c.get("name") == "broker-py"]
+            assert len(mine) == 1, clients
         await client.stop_source("a1").stop()
         await asyncio.wait_for(asyncio.gather(t1.wait(), t3.wait()), 5)
         assert not t2.stopped
@@ -124,14 +137,15 @@ async def test_many_tokens_share_one_pubsub_connection(client: broker.Broker, ra
 async def test_disconnected_process_stops_once_it_reconnects(
     redis_url: str, namespace: str
 ) -> None:
-    host, port = redis_url.split("//")[1].split("/")[0].rsplit(":", 1)
+    server = redis_url  # a TCP proxy in front of one server (a cluster redirects past it)
+    host, port = server.split("//")[1].split("/")[0].rsplit(":", 1)
     proxy = Proxy(host, int(port))
     await proxy.start()
     via_proxy = f"redis://127.0.0.1:{proxy.port}/0"
     try:
         async with (
             broker.connect(via_proxy, namespace=namespace, reconnect_deadline=30) as cut_off,
-            broker.connect(redis_url, namespace=namespace) as other,
+            broker.connect(server, namespace=namespace) as other,
         ):
             async with cut_off.stop_token("net") as token:
                 await proxy.cut()
@@ -147,13 +161,14 @@ async def test_disconnected_process_stops_once_it_reconnects(
 
 async def test_stalled_connection_still_sees_the_stop(redis_url: str, namespace: str) -> None:
     """A partition that stalls TCP raises nothing: the PONG deadline and the key poll catch it."""
-    host, port = redis_url.split("//")[1].split("/")[0].rsplit(":", 1)
+    server = redis_url  # a TCP proxy in front of one server (a cluster redirects past it)
+    host, port = server.split("//")[1].split("/")[0].rsplit(":", 1)
     proxy = Proxy(host, int(port))
     await proxy.start()
     try:
         async with (
             broker.connect(f"redis://127.0.0.1:{proxy.port}/0", namespace=namespace) as stalled,
-            broker.connect(redis_url, namespace=namespace) as other,
+            broker.connect(server, namespace=namespace) as other,
         ):
             async with stalled.stop_token("partition") as token:
                 proxy.stall()
@@ -166,7 +181,7 @@ async def test_stalled_connection_still_sees_the_stop(redis_url: str, namespace:
 
 
 async def test_three_processes_stop_together_and_lose_nothing(
-    client: broker.Broker, name: str, namespace: str, redis_url: str, tmp_path: Path
+    client: broker.Broker, name: str, namespace: str, server: str, tmp_path: Path
 ) -> None:
     ch = client.channel(name)
     sent = await ch.publish_many(range(300))
@@ -177,7 +192,7 @@ async def test_three_processes_stop_together_and_lose_nothing(
                 sys.executable,
                 "-m",
                 "tests.helpers.stop_worker",
-                redis_url,
+                server,
                 namespace,
                 name,
                 "g",
@@ -237,12 +252,12 @@ async def test_bad_token_names(client: broker.Broker, bad: str) -> None:
 async def test_a_failed_enter_leaves_no_registration(
     client: broker.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from broker._stop import StopHub
+    from broker._pubsub import Hub, Listener
 
-    async def unreachable(self: StopHub, keys: list[str]) -> None:
+    async def unreachable(self: Hub, listener: Listener) -> None:
         raise broker.ConnectionLostError("server unreachable (simulated)")
 
-    monkeypatch.setattr(StopHub, "_subscribe", unreachable)
+    monkeypatch.setattr(Hub, "add", unreachable)
     parent = StopSource()
     token = client.stop_token("half-entered", parent=parent.token)
     with pytest.raises(broker.ConnectionLostError):
