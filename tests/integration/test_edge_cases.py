@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 import broker
 from tests.conftest import compare_ids
 
-
 # every scenario that uses a server runs on one server and on a Redis Cluster (3 + 3 nodes)
 SERVERS = ("single", "cluster")
 

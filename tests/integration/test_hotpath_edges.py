@@ -10,7 +10,6 @@ import redis.asyncio as aioredis
 
 import broker
 
-
 # every scenario that uses a server runs on one server and on a Redis Cluster (3 + 3 nodes)
 SERVERS = ("single", "cluster")
 
