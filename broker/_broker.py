@@ -74,6 +74,8 @@ class Broker(AsyncResource):
         self._hub: StopHub | None = None
         self._pubsub: Hub | None = None
         self._clock_offset_ms = 0
+        #: partition counts of channels, as recorded on the server (they never change)
+        self._partitions: dict[str, int] = {}
         #: the ``redis_version`` the server reported when the broker connected
         self.server_version = ""
         self._closed = False
@@ -273,15 +275,20 @@ class Broker(AsyncResource):
         max_lag: int | None = None,
         on_full: Literal["wait", "raise"] = "wait",
         full_timeout: float | None = None,
+        partitions: int | None = None,
     ) -> Channel[Any]:
         """A channel by name (cheap; nothing is sent until used).
 
         ``maxlen`` keeps about that many entries (``MAXLEN ~``); ``max_age`` (seconds) trims
         older entries (``MINID ~``); ``max_lag`` makes it a bounded channel: ``publish`` waits
         (or raises :class:`ChannelFullError` with ``on_full="raise"``) while the slowest group
-        is more than ``max_lag`` entries behind.
+        is more than ``max_lag`` entries behind. ``partitions`` makes it P streams (spread over
+        a cluster's primaries): the first process to use the channel records the count on the
+        server, the others find it there (``None``: whatever is recorded; unpartitioned if
+        nothing); ``publish(data, key=...)`` keeps each key's messages in one partition.
 
-        :raises ConfigurationError: on an invalid name or option.
+        :raises ConfigurationError: on an invalid name or option (a ``partitions`` that differs
+            from the recorded count: at the first publish or subscribe).
         """
         from ._channel import Channel
 
@@ -294,6 +301,7 @@ class Broker(AsyncResource):
             max_lag=max_lag,
             on_full=on_full,
             full_timeout=full_timeout,
+            partitions=partitions,
         )
 
     def stop_source(self, name: str) -> RemoteStopSource:

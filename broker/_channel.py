@@ -1,25 +1,30 @@
-"""A named channel: publishing, retention, bounded-channel back-pressure, dead letters."""
+"""A named channel: publishing (by key to partitions), retention, bounded-channel back-pressure.
+
+Inspection, group administration and dead letters are in :mod:`._inspection` (a mixin): they
+work over the channel's streams, one or one per partition.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import re
+import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._codec import Codec, get_codec, pack_headers
-from ._errors import (
-    ChannelFullError,
-    ConfigurationError,
-    GroupMissingError,
-    RedisCommandError,
-    WrongTypeError,
+from ._errors import ChannelFullError, ConfigurationError
+from ._inspection import (
+    ChannelInfo,
+    ChannelInspection,
+    ConsumerInfo,
+    DeadLetter,
+    GroupInfo,
+    PendingEntry,
 )
-from ._names import channel_key, check_channel, check_group, dead_key
+from ._names import channel_key, check_channel, dead_key
+from ._partitions import check_partitions, partition_for, partition_key, record_partitions
 from ._publisher import XAdd, send_batch
-from ._scripts import REPLAY_DEAD
 from ._stream import Stream
 
 if TYPE_CHECKING:
@@ -30,72 +35,12 @@ if TYPE_CHECKING:
 __all__ = ["Channel", "ChannelInfo", "ConsumerInfo", "DeadLetter", "GroupInfo", "PendingEntry"]
 
 T = TypeVar("T")
-DEAD_PREFIX = b"dead."
-_LAG_TTL = 0.05
-#: ``info()`` counts a group's lag itself up to this many entries when Redis cannot tell
-_INFO_LAG_LIMIT = 10_000
-_FULL_ID = re.compile(r"^\d+-\d+$")
-#: idle seconds beyond which a pending entry counts as released (see Subscription.aclose)
-RELEASED_IDLE = 10**8  # seconds a measured lag is trusted before publish asks again
+_LAG_TTL = 0.05  # seconds a measured lag is trusted before publish asks again
 
 
-@dataclasses.dataclass(frozen=True)
-class GroupInfo:
-    name: str
-    consumers: int
-    pending: int
-    last_delivered_id: str
-    #: entries not yet delivered to the group (counted where Redis cannot tell); None only when
-    #: Redis cannot tell and more than 10,000 entries follow the group's position
-    lag: int | None
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelInfo:
-    name: str
-    length: int
-    first_id: str | None
-    last_id: str | None
-    groups: list[GroupInfo]
-    dead_letters: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PendingEntry:
-    id: str
-    consumer: str
-    idle: float  # seconds since last delivery
-    deliveries: int
-
-    @property
-    def released(self) -> bool:
-        """Fetched but never handed out, and released by a closing subscription: any
-        consumer's next claim takes it at once (its idle time was set to "forever")."""
-        return self.idle >= RELEASED_IDLE
-
-
-@dataclasses.dataclass(frozen=True)
-class ConsumerInfo:
-    name: str
-    pending: int
-    idle: float  # seconds since the consumer last read
-
-
-@dataclasses.dataclass(frozen=True)
-class DeadLetter:
-    """An entry of the dead-letter stream: the original entry and why it died."""
-
-    id: str
-    original_id: str
-    group: str
-    consumer: str
-    error: str
-    deliveries: int
-    fields: dict[bytes, bytes]
-
-
-class Channel(Generic[T]):
-    """A named stream. Obtain one with ``broker.channel(name)``."""
+class Channel(ChannelInspection, Generic[T]):
+    """A named stream, or P streams for a partitioned channel. Obtain one with
+    ``broker.channel(name)``."""
 
     def __init__(
         self,
@@ -108,6 +53,7 @@ class Channel(Generic[T]):
         max_lag: int | None = None,
         on_full: Literal["wait", "raise"] = "wait",
         full_timeout: float | None = None,
+        partitions: int | None = None,
     ) -> None:
         self.name = check_channel(name)
         self.broker = broker
@@ -122,25 +68,97 @@ class Channel(Generic[T]):
             raise ConfigurationError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
         if full_timeout is not None and full_timeout < 0:
             raise ConfigurationError(f"full_timeout must be >= 0, got {full_timeout!r}")
+        self.asked_partitions = check_partitions(partitions)
         self.maxlen = maxlen
         self.max_age = max_age
         self.max_lag = max_lag
         self.on_full = on_full
         self.full_timeout = full_timeout
+        #: the stream of an unpartitioned channel (and the hash tag of every key it has)
         self.key = channel_key(broker.namespace, name)
         self.dead_key = dead_key(broker.namespace, name)
-        self._stream = Stream(
-            self.name, self.key, self.dead_key, self.codec, broker.settings.max_payload
-        )
+        #: the channel's streams, once known (see :meth:`streams`)
+        self._streams: list[Stream] | None = None
+        self._resolving: asyncio.Future[list[Stream]] | None = None
+        self._turn = itertools.count()
         self._lag_checked = -1e9
         self._lag = 0
 
     def __repr__(self) -> str:
-        return f"<Channel {self.name!r} codec={self.codec.name}>"
+        parts = (
+            ""
+            if not self._streams or len(self._streams) == 1
+            else f" partitions={len(self._streams)}"
+        )
+        return f"<Channel {self.name!r} codec={self.codec.name}{parts}>"
+
+    # -- streams ------------------------------------------------------------------------------
+
+    async def streams(self, *, record: bool = True) -> list[Stream]:
+        """The Redis streams of this channel: one, or one per partition.
+
+        The partition count is read from the server (recorded by whoever used the channel
+        first; see :mod:`._partitions`), once per broker. ``record=False`` (inspection, tails)
+        records nothing for a channel never used.
+
+        :raises ConfigurationError: if ``partitions=`` differs from the recorded count.
+        """
+        if self._streams is not None:
+            return self._streams
+        if not record:
+            return await self._resolve(False)
+        # concurrent first publishes share one resolution (and resume together, so they
+        # still leave in one pipeline)
+        pending = self._resolving
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = self._resolving = asyncio.get_running_loop().create_future()
+        try:
+            streams = await self._resolve(True)
+        except BaseException as exc:
+            self._resolving = None
+            if isinstance(exc, Exception):
+                pending.set_exception(exc)
+                pending.exception()  # retrieved: the waiters (if any) get it too
+            else:
+                pending.cancel()
+            raise
+        self._streams = streams
+        pending.set_result(streams)
+        return streams
+
+    @property
+    def partitions(self) -> int | None:
+        """The partition count, once known (after the first publish or subscribe)."""
+        return None if self._streams is None else len(self._streams)
+
+    async def _resolve(self, record: bool) -> list[Stream]:
+        b = self.broker
+        known = b._partitions.get(self.name)
+        if known is None or (self.asked_partitions is not None and known != self.asked_partitions):
+            found = await b.call(
+                lambda: record_partitions(
+                    b.redis, b.namespace, self.name, self.asked_partitions, self.key, write=record
+                ),
+                self.name,
+            )
+            if record:
+                b._partitions[self.name] = found
+            known = found
+        limit = b.settings.max_payload
+        if known == 1:
+            return [Stream(self.name, self.key, self.dead_key, self.codec, limit)]
+        out = []
+        for p in range(known):
+            key = partition_key(b.namespace, self.name, p)
+            out.append(Stream(self.name, key, f"{key}:dead", self.codec, limit, p))
+        return out
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def _entry(self, data: Any, headers: dict[str, str] | None) -> XAdd:
+    def _entry(
+        self, streams: list[Stream], data: Any, headers: dict[str, str] | None, key: Any, turn: int
+    ) -> XAdd:
         payload = self.codec.encode(data)
         h = pack_headers(headers) if headers else None
         minid = None
@@ -148,11 +166,27 @@ class Channel(Generic[T]):
             # entry ids come from the server's clock, so the age bound must too: a producer
             # whose clock runs ahead would otherwise trim away what it just published
             minid = f"{self.broker.server_time_ms() - int(self.max_age * 1000)}-0"
-        return XAdd(self.key, self.name, payload, h, self.maxlen, minid)
+        n = len(streams)
+        if n == 1:
+            stream = streams[0]
+            maxlen = self.maxlen
+        else:
+            part = partition_for(key, n) if key is not None else turn % n
+            stream = streams[part]
+            maxlen = None if self.maxlen is None else max(1, self.maxlen // n)
+        return XAdd(stream.key, self.name, payload, h, maxlen, minid)
 
-    async def publish(self, data: T, *, headers: dict[str, str] | None = None) -> str:
+    async def publish(
+        self,
+        data: T,
+        *,
+        headers: dict[str, str] | None = None,
+        key: str | bytes | int | None = None,
+    ) -> str:
         """Append one message and return its id.
 
+        On a partitioned channel, ``key`` chooses the partition (the same key, the same
+        partition: per-key order holds); without one, publishes go to the partitions in turn.
         Concurrent calls (from many tasks) leave in shared pipelines; the order of the calls made
         by one task is kept. On a bounded channel this first waits for the consumers.
 
@@ -160,36 +194,50 @@ class Channel(Generic[T]):
         :raises ChannelFullError: on a bounded channel with ``on_full="raise"``.
         :raises ConnectionLostError: if the server stays unreachable past the deadline.
         """
-        item = self._entry(data, headers)
+        streams = self._streams
+        if streams is None:
+            streams = await self.streams()
+        item = self._entry(streams, data, headers, key, next(self._turn))
         if self.max_lag is not None:
             await self._wait_for_room()
         return await self.broker.publisher.submit(item)
 
     async def publish_many(
-        self, items: Iterable[T | tuple[T, dict[str, str] | None]], *, batch: int = 1000
+        self,
+        items: Iterable[T | tuple[T, dict[str, str] | None]],
+        *,
+        batch: int = 1000,
+        key: Callable[[T], str | bytes | int] | None = None,
     ) -> list[str]:
         """Append many messages in pipelines of ``batch`` entries; returns their ids in order.
 
-        Items are payloads, or ``(payload, headers)`` tuples.
+        Items are payloads, or ``(payload, headers)`` tuples. On a partitioned channel,
+        ``key(payload)`` chooses each message's partition; without it, each batch goes to the
+        next partition in turn.
 
         :raises BrokerError: the first per-entry error, after the whole batch was sent.
         """
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
+        streams = await self.streams()
         ids: list[str] = []
         chunk: list[XAdd] = []
+        turn = next(self._turn)
         for item in items:
             if (
                 isinstance(item, tuple)
                 and len(item) == 2
                 and (item[1] is None or isinstance(item[1], dict))
             ):
-                chunk.append(self._entry(item[0], item[1]))
+                data, headers = item[0], item[1]
             else:
-                chunk.append(self._entry(item, None))
+                data, headers = item, None
+            k = None if key is None else key(data)
+            chunk.append(self._entry(streams, data, headers, k, turn))
             if len(chunk) >= batch:
                 ids += await self._send(chunk)
                 chunk = []
+                turn = next(self._turn)
         if chunk:
             ids += await self._send(chunk)
         return ids
@@ -235,11 +283,6 @@ class Channel(Generic[T]):
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def streams(self) -> list[Stream]:
-        """The Redis streams of this channel (one; a partitioned channel has one per
-        partition)."""
-        return [self._stream]
-
     def subscribe(self, group: str, **options: Any) -> Subscription[T]:
         """Read as a member of ``group``; see :class:`Subscription`.
 
@@ -255,246 +298,3 @@ class Channel(Generic[T]):
     def tail(self, **options: Any) -> Tail:
         """Read without a group (nothing acked, nothing pending); see :class:`Tail`."""
         return self.broker.tail([self], **options)
-
-    # -- inspection ---------------------------------------------------------------------------
-
-    async def exists(self) -> bool:
-        """Whether the stream exists (a channel exists once published to or subscribed).
-
-        :raises WrongTypeError: if the key holds something other than a stream.
-        """
-        kind = await self.broker.call(lambda: self.broker.redis.type(self.key), self.name)
-        kind = _s(kind)
-        if kind not in ("none", "stream"):
-            raise WrongTypeError(self.name, self.key)
-        return kind == "stream"
-
-    async def info(self) -> ChannelInfo:
-        """Length, first and last id, groups (with pending and lag) and dead-letter count."""
-        r = self.broker.redis
-
-        async def fetch() -> tuple[Any, Any, int]:
-            pipe = r.pipeline(transaction=False)
-            pipe.exists(self.key)
-            pipe.xlen(self.dead_key)
-            exists, dead = await pipe.execute()
-            if not exists:
-                return None, [], dead
-            pipe = r.pipeline(transaction=False)
-            pipe.xinfo_stream(self.key)
-            pipe.xinfo_groups(self.key)
-            stream, groups = await pipe.execute()
-            return stream, groups, dead
-
-        stream, groups, dead = await self.broker.call(fetch, self.name)
-        if stream is None:
-            return ChannelInfo(self.name, 0, None, None, [], dead)
-        for g in groups:
-            if g.get("lag") is None:  # Redis cannot tell (after deletions): count, bounded
-                after = await self._count_after(_s(g["last-delivered-id"]), _INFO_LAG_LIMIT + 1)
-                g["lag"] = after if after <= _INFO_LAG_LIMIT else None
-        first = stream.get("first-entry")
-        last = stream.get("last-entry")
-        return ChannelInfo(
-            name=self.name,
-            length=int(stream["length"]),
-            first_id=_s(first[0]) if first else None,
-            last_id=_s(last[0]) if last else None,
-            groups=[
-                GroupInfo(
-                    name=_s(g["name"]),
-                    consumers=int(g["consumers"]),
-                    pending=int(g["pending"]),
-                    last_delivered_id=_s(g["last-delivered-id"]),
-                    lag=None if g.get("lag") is None else int(g["lag"]),
-                )
-                for g in groups
-            ],
-            dead_letters=int(dead),
-        )
-
-    async def lag(self, group: str | None = None) -> int:
-        """Entries not yet delivered to ``group`` (default: the slowest group; 0 if none).
-
-        Uses ``XINFO GROUPS`` lag (Redis 7); where Redis cannot tell (older servers, or after
-        deletions) it counts the entries after the group's last-delivered id, up to
-        ``max_lag + 1`` (or 10 000) of them, so the cost stays bounded.
-        """
-        r = self.broker.redis
-
-        async def measure() -> int:
-            try:
-                groups = await r.xinfo_groups(self.key)
-            except Exception as exc:
-                if "no such key" in str(exc).lower():
-                    return 0
-                raise
-            worst = 0
-            for g in groups:
-                if group is not None and _s(g["name"]) != group:
-                    continue
-                lag = g.get("lag")
-                if lag is None:
-                    limit = (self.max_lag or 9_999) + 1
-                    lag = await self._count_after(_s(g["last-delivered-id"]), limit)
-                worst = max(worst, int(lag))
-            return worst
-
-        return int(await self.broker.call(measure, self.name))
-
-    async def _count_after(self, last_id: str, limit: int) -> int:
-        """Entries after ``last_id``, counting at most ``limit`` (one bounded ``XRANGE``)."""
-        return len(await self.broker.redis.xrange(self.key, min=f"({last_id}", count=limit))
-
-    # -- groups -------------------------------------------------------------------------------
-
-    async def create_group(self, group: str, start: str = "new") -> bool:
-        """Create ``group`` (and the stream); False if it existed. ``start``: new, all or an id."""
-        check_group(group)
-        pos = _start_id(start)
-
-        async def create() -> bool:
-            try:
-                await self.broker.redis.xgroup_create(self.key, group, id=pos, mkstream=True)
-            except Exception as exc:
-                if str(exc).startswith("BUSYGROUP"):
-                    return False
-                raise
-            return True
-
-        return bool(await self.broker.call(create, self.name))
-
-    async def reset_group(self, group: str, start: str = "new") -> None:
-        """Move ``group``'s position (``XGROUP SETID``); pending entries stay pending."""
-        pos = _start_id(start)
-        await self._group_call(group, lambda: self.broker.redis.xgroup_setid(self.key, group, pos))
-
-    async def delete_group(self, group: str) -> bool:
-        """Delete ``group`` and its pending list; False if there was no such group (or stream)."""
-        try:
-            return bool(
-                await self.broker.call(
-                    lambda: self.broker.redis.xgroup_destroy(self.key, group), self.name
-                )
-            )
-        except RedisCommandError as exc:
-            if "requires the key to exist" in str(exc):
-                return False
-            raise
-
-    async def consumers(self, group: str) -> list[ConsumerInfo]:
-        rows = await self._group_call(
-            group, lambda: self.broker.redis.xinfo_consumers(self.key, group)
-        )
-        return [ConsumerInfo(_s(c["name"]), int(c["pending"]), int(c["idle"]) / 1000) for c in rows]
-
-    async def pending(
-        self, group: str, count: int = 100, consumer: str | None = None
-    ) -> list[PendingEntry]:
-        """The oldest ``count`` pending entries of ``group`` (optionally of one consumer)."""
-        rows = await self._group_call(
-            group,
-            lambda: self.broker.redis.xpending_range(
-                self.key, group, min="-", max="+", count=count, consumername=consumer
-            ),
-        )
-        return [
-            PendingEntry(
-                _s(r["message_id"]),
-                _s(r["consumer"]),
-                int(r["time_since_delivered"]) / 1000,
-                int(r["times_delivered"]),
-            )
-            for r in rows
-        ]
-
-    async def _group_call(self, group: str, fn: Any) -> Any:
-        try:
-            return await self.broker.call(fn, self.name)
-        except RedisCommandError as exc:
-            if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
-                raise GroupMissingError(self.name, group) from exc
-            raise
-
-    # -- dead letters -------------------------------------------------------------------------
-
-    async def dead_letters(self, count: int = 100, start: str = "-") -> list[DeadLetter]:
-        """The oldest ``count`` dead letters from ``start``."""
-        rows = await self.broker.call(
-            lambda: self.broker.redis.xrange(self.dead_key, min=start, count=count), self.name
-        )
-        out = []
-        for entry_id, fields in rows:
-            meta = {
-                k[len(DEAD_PREFIX) :].decode(): v
-                for k, v in fields.items()
-                if k.startswith(DEAD_PREFIX)
-            }
-            out.append(
-                DeadLetter(
-                    id=_s(entry_id),
-                    original_id=_s(meta.get("id", b"")),
-                    group=_s(meta.get("group", b"")),
-                    consumer=_s(meta.get("consumer", b"")),
-                    error=_s(meta.get("error", b"")),
-                    deliveries=int(meta.get("deliveries", b"0") or 0),
-                    fields={k: v for k, v in fields.items() if not k.startswith(DEAD_PREFIX)},
-                )
-            )
-        return out
-
-    async def replay_dead(self, ids: Iterable[str] | None = None) -> list[str]:
-        """Move dead letters back to the channel (all, or the given dead-letter ids).
-
-        Each move is atomic (``XADD`` to the channel and ``XDEL`` from the dead letters in one
-        script), so replaying the same entry twice appends it once. Returns the new ids.
-        """
-        if ids is None:
-            ids = [d.id for d in await self.dead_letters(count=1_000_000)]
-        ids = list(ids)
-        bad = [i for i in ids if not isinstance(i, str) or not _FULL_ID.match(i)]
-        if bad:
-            raise ConfigurationError(
-                f"invalid dead-letter id {bad[0]!r}: give full entry ids like 1700000000000-0 "
-                "(see `broker dead list`)"
-            )
-        out: list[str] = []
-        for dead_id in ids:
-            new_id = await self.broker.call(
-                lambda d=dead_id: REPLAY_DEAD(self.broker.redis, [self.dead_key, self.key], [d]),
-                self.name,
-            )
-            if new_id:
-                out.append(_s(new_id))
-        return out
-
-    async def purge_dead(self) -> int:
-        """Delete every dead letter; returns how many there were."""
-        r = self.broker.redis
-
-        async def purge() -> int:
-            pipe = r.pipeline(transaction=True)
-            pipe.xlen(self.dead_key)
-            pipe.delete(self.dead_key)
-            n, _ = await pipe.execute()
-            return int(n)
-
-        return int(await self.broker.call(purge, self.name))
-
-    async def delete(self) -> None:
-        """Delete the stream, its groups and its dead letters."""
-        await self.broker.call(lambda: self.broker.redis.delete(self.key, self.dead_key), self.name)
-
-
-def _s(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _start_id(start: str) -> str:
-    if start in ("new", "$"):
-        return "$"
-    if start in ("all", "beginning", "0"):
-        return "0"
-    from ._tail import parse_position
-
-    return parse_position(start)

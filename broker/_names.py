@@ -71,10 +71,14 @@ def semaphore_key(namespace: str, channel: str, group: str) -> str:
 
 
 def channel_from_key(namespace: str, key: str) -> str | None:
-    """Inverse of :func:`channel_key`; None when ``key`` is not a channel key of ``namespace``."""
+    """Inverse of :func:`channel_key` (a partition's key ``{name#3}`` gives its channel's name);
+    None when ``key`` is not a channel key of ``namespace``."""
     prefix = f"{namespace}:{{"
     if key.startswith(prefix) and key.endswith("}"):
         name = key[len(prefix) : -1]
+        base, sep, part = name.rpartition("#")
+        if sep and part.isdigit():
+            name = base
         if _NAME_RE.match(name):
             return name
     return None

@@ -58,7 +58,7 @@ class StreamSource(Protocol):
 
     name: str
 
-    async def streams(self) -> list[Stream]: ...
+    async def streams(self, *, record: bool = True) -> list[Stream]: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,7 +118,7 @@ class Tail(AsyncResource):
         self._started = True
         r = self.broker.redis
         for ch in self.channels:
-            self.streams += await ch.streams()
+            self.streams += await ch.streams(record=False)
         self._by_key = {s.key.encode(): s for s in self.streams}
 
         async def resolve() -> None:
