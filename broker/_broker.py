@@ -16,7 +16,7 @@ from ._clients import cluster_client, single_client
 from ._codec import Codec
 from ._errors import ClosedError, ConfigurationError, ConnectionLostError, map_redis_errors
 from ._names import channel_from_key, channel_key
-from ._publisher import Publisher
+from ._publisher import Bells, Publisher
 from ._resource import AsyncResource, cancel_and_wait
 from ._retry import retrying
 from ._server import MIN_REDIS
@@ -74,6 +74,7 @@ class Broker(AsyncResource):
         self._hub: StopHub | None = None
         self._pubsub: Hub | None = None
         self._clock_offset_ms = 0
+        self.bells: Bells | None = None
         #: partition counts of channels, as recorded on the server (they never change)
         self._partitions: dict[str, int] = {}
         #: the ``redis_version`` the server reported when the broker connected
@@ -106,7 +107,10 @@ class Broker(AsyncResource):
             topology = Topology(self._redis, cluster=self.cluster, timeout=s.stall_timeout)
             self._topology = topology
             stack.push_async_callback(topology.aclose)
-            self._publisher = Publisher(topology, retry=s.retry, **self._publisher_options)
+            self.bells = Bells(sharded=self.cluster)
+            self._publisher = Publisher(
+                topology, retry=s.retry, bells=self.bells, **self._publisher_options
+            )
             self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._publisher_task = self._tasks.create_task(
                 self._publisher.run(), name="broker-publisher"

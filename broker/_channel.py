@@ -245,7 +245,8 @@ class Channel(ChannelInspection, Generic[T]):
     async def _send(self, chunk: list[XAdd]) -> list[str]:
         if self.max_lag is not None:
             await self._wait_for_room(len(chunk))
-        results = await send_batch(self.broker.topology, chunk, self.broker.settings.retry)
+        b = self.broker
+        results = await send_batch(b.topology, chunk, b.settings.retry, b.bells)
         for r in results:
             if isinstance(r, BaseException):
                 raise r

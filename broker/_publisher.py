@@ -6,7 +6,9 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from ._errors import ClosedError, ConnectionLostError, map_redis_errors
@@ -14,7 +16,9 @@ from ._retry import RetryPolicy, no_reply
 from ._topology import Topology, ask_target, routing_error
 from ._wire import Wire, bulk, pack
 
-__all__ = ["PublisherStatistics", "Publisher", "XAdd"]
+__all__ = ["Bells", "Publisher", "PublisherStatistics", "XAdd"]
+
+log = logging.getLogger("broker.publish")
 
 
 @dataclasses.dataclass(slots=True)
@@ -29,6 +33,58 @@ class XAdd:
     maxlen: int | None = None
     #: trim entries older than this id (MINID ~), computed from the server's clock
     minid: str | None = None
+
+
+class Bells:
+    """The doorbells producers ring: after appending to a stream, ``PUBLISH <stream key> ""``
+    (``SPUBLISH`` on a cluster: the channel has the stream's hash tag, so the stream's node
+    serves it) tells subscriptions that wait on the pub/sub hub instead of a blocking read
+    (several slots, or many streams; see :mod:`._reader`) which stream to read.
+
+    A bell is a hint, never needed for correctness (those subscriptions also poll). A stream
+    whose bell reached nobody is not rung again for ``quiet`` seconds, so producers of
+    channels read by plain blocking reads pay one bell per stream per ``quiet`` seconds.
+    """
+
+    def __init__(self, *, sharded: bool, quiet: float = 0.1) -> None:
+        self.command = b"SPUBLISH" if sharded else b"PUBLISH"
+        self.quiet = quiet
+        self._muted: dict[str, float] = {}
+        self._refused = False
+
+    def pick(self, keys: Iterable[str]) -> list[str]:
+        """The streams of a batch to ring now."""
+        muted = self._muted
+        if not muted:
+            return list(dict.fromkeys(keys))
+        now = time.monotonic()
+        return [k for k in dict.fromkeys(keys) if muted.get(k, 0.0) <= now]
+
+    def part(self, key: str) -> bytes:
+        return _bell(self.command, key)
+
+    def heard(self, key: str, reply: object) -> None:
+        """A bell's reply: receivers (int), or an error (no permission for the channel)."""
+        if isinstance(reply, int) and reply > 0:
+            self._muted.pop(key, None)
+            return
+        quiet = self.quiet
+        if isinstance(reply, BaseException):
+            quiet = 60.0
+            if not self._refused:
+                self._refused = True
+                log.warning(
+                    "publish: ringing %s was refused (%s); subscriptions over many channels "
+                    "or slots see new messages at their next poll (1 s) instead",
+                    key,
+                    reply,
+                )
+        self._muted[key] = time.monotonic() + quiet
+
+
+@functools.lru_cache(maxsize=4096)
+def _bell(command: bytes, key: str) -> bytes:
+    return pack(command, key, b"")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +109,7 @@ class Publisher:
         topology: Topology,
         *,
         retry: RetryPolicy,
+        bells: Bells | None = None,
         max_batch: int = 512,
         max_queue: int = 10_000,
         linger: float = 0.0,
@@ -61,6 +118,7 @@ class Publisher:
         if max_batch < 1 or max_queue < 1 or max_pipelines < 1 or linger < 0:
             raise ValueError("max_batch, max_queue and max_pipelines must be >= 1 and linger >= 0")
         self._topology = topology
+        self._bells = bells
         self._retry = retry
         self._max_batch = max_batch
         self._max_queue = max_queue
@@ -96,7 +154,7 @@ class Publisher:
             # publishes queue up and leave together in the next free one
             self._in_flight += 1
             try:
-                (result,) = await send_batch(self._topology, [item], self._retry)
+                (result,) = await send_batch(self._topology, [item], self._retry, self._bells)
             finally:
                 self._release()
             self._count(1)
@@ -165,7 +223,9 @@ class Publisher:
     async def _send(self, batch: list[tuple[XAdd, asyncio.Future[str]]]) -> None:
         """One pipeline; its outcome goes to the waiters, never to the task group."""
         try:
-            ids = await send_batch(self._topology, [item for item, _ in batch], self._retry)
+            ids = await send_batch(
+                self._topology, [item for item, _ in batch], self._retry, self._bells
+            )
         except Exception as exc:  # every waiter gets the batch's error
             _fail(batch, exc)
             return
@@ -191,7 +251,7 @@ def _fail(batch: list[tuple[XAdd, asyncio.Future[str]]], exc: BaseException) -> 
 
 
 async def send_batch(
-    topology: Topology, items: list[XAdd], retry: RetryPolicy
+    topology: Topology, items: list[XAdd], retry: RetryPolicy, bells: Bells | None = None
 ) -> list[str | BaseException]:
     """Send ``items`` in one round trip per node; per-entry errors come back in the list, not
     raised.
@@ -203,10 +263,11 @@ async def send_batch(
     """
     single = topology.single
     if single is not None:  # the hot path: one payload, one node
-        payload, count = _payload(items)
+        payload, count, rung = _payload(items, bells)
         raw = await _exchange(single, payload, count, retry)
+        _heard(bells, rung, raw)
         return _results(items, raw)
-    return await _send_routed(topology, items, retry)
+    return await _send_routed(topology, items, retry, bells)
 
 
 async def _exchange(wire: Wire, payload: bytes, count: int, retry: RetryPolicy) -> list[Any]:
@@ -220,12 +281,24 @@ async def _exchange(wire: Wire, payload: bytes, count: int, retry: RetryPolicy) 
             await backoff.wait(exc, started)
 
 
-def _payload(items: list[XAdd]) -> tuple[bytes, int]:
+def _payload(items: list[XAdd], bells: Bells | None) -> tuple[bytes, int, list[str]]:
+    """The XADDs, then the XTRIMs of age bounds, then the bells; the replies of the XADDs come
+    first, those of the bells last (``rung``: the keys rung, in order)."""
     parts = [pack_xadd(it) for it in items]
     # XADD takes one trim strategy: an age bound next to a length bound is an XTRIM after
     age_trims = {it.key: it.minid for it in items if it.maxlen is not None and it.minid}
     parts += [pack(b"XTRIM", key, b"MINID", b"~", minid) for key, minid in age_trims.items()]
-    return b"".join(parts), len(parts)
+    rung = bells.pick(it.key for it in items) if bells is not None else []
+    if rung:
+        assert bells is not None
+        parts += [bells.part(key) for key in rung]
+    return b"".join(parts), len(parts), rung
+
+
+def _heard(bells: Bells | None, rung: list[str], raw: list[Any]) -> None:
+    if bells is not None and rung:
+        for key, reply in zip(rung, raw[len(raw) - len(rung) :], strict=True):
+            bells.heard(key, reply)
 
 
 def _results(items: list[XAdd], raw: list[Any]) -> list[str | BaseException]:
@@ -251,7 +324,7 @@ _MAX_REDIRECTS = 16
 
 
 async def _send_routed(
-    topology: Topology, items: list[XAdd], retry: RetryPolicy
+    topology: Topology, items: list[XAdd], retry: RetryPolicy, bells: Bells | None
 ) -> list[str | BaseException]:
     """The cluster path: one payload per node, sent concurrently; redirected entries resent."""
     results: list[str | BaseException | None] = [None] * len(items)
@@ -273,7 +346,7 @@ async def _send_routed(
         started = time.monotonic()
         limit = backoff.limit()
         replies = await asyncio.gather(
-            *(_exchange_routed(w, [items[i] for i in idx], limit, w in asking.values())
+            *(_exchange_routed(w, [items[i] for i in idx], limit, w in asking.values(), bells)
               for w, idx in groups.items()),
             return_exceptions=True,
         )  # fmt: skip
@@ -316,17 +389,21 @@ async def _send_routed(
     return [r if r is not None else no_reply(0) for r in results]
 
 
-async def _exchange_routed(wire: Wire, items: list[XAdd], limit: float, asking: bool) -> list[Any]:
+async def _exchange_routed(
+    wire: Wire, items: list[XAdd], limit: float, asking: bool, bells: Bells | None
+) -> list[Any]:
     """Send ``items`` to ``wire`` and return one reply per item (``ASKING`` first when the
-    items follow an ``ASK`` redirection; ``XTRIM`` replies dropped)."""
+    items follow an ``ASK`` redirection; the replies of ``XTRIM`` and of bells dropped)."""
     if asking:
         payload = b"".join(pack(b"ASKING") + pack_xadd(it) for it in items)
         with map_redis_errors():
             raw = await wire.execute(payload, 2 * len(items), limit=limit)
         return raw[1::2]
-    payload, count = _payload(items)
+    payload, count, rung = _payload(items, bells)
     with map_redis_errors():
         raw = await wire.execute(payload, count, limit=limit)
+    if not any(routing_error(r) for r in raw[: len(items)]):
+        _heard(bells, rung, raw)
     return [r if isinstance(r, BaseException) else r.decode() for r in raw[: len(items)]]
 
 

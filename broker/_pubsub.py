@@ -36,7 +36,7 @@ from ._errors import (
 )
 from ._resource import cancel_and_wait
 from ._retry import Backoff
-from ._topology import Link
+from ._topology import Link, slot_of
 
 __all__ = ["CHECK_INTERVAL", "PONG_DEADLINE", "Hub", "Listener"]
 
@@ -84,39 +84,60 @@ class Hub:
             else of the hub or the broker stops).
         :raises ConnectionLostError: if no node answers before the reconnect deadline.
         """
-        channel = listener.channel
+        await self.add_many([listener])
+
+    async def add_many(self, listeners: list[Listener]) -> None:
+        """Register ``listeners`` together: the subscriptions of each node leave in one round
+        trip (one command per slot on a cluster) before the confirmations are awaited."""
         async with self._lock:
             if self.sharded and self._watcher is None:
                 self._watcher = self._spawn(self._follow_topology(), "broker-pubsub-topology")
-            listeners = self._listeners.setdefault(channel, set())
-            listeners.add(listener)
-            if channel in self._home:
-                return
+            new: dict[_Line, list[str]] = {}
+            for listener in listeners:
+                channel = listener.channel
+                self._listeners.setdefault(channel, set()).add(listener)
+                if channel not in self._home and channel not in new.get(
+                    self._line_for(channel), []
+                ):
+                    new.setdefault(self._line_for(channel), []).append(channel)
             try:
-                line = self._line_for(channel)
-                await line.subscribe([channel])
+                for line, channels in new.items():
+                    await line.subscribe(channels)
+                    for channel in channels:
+                        self._home[channel] = line
             except BaseException:
-                # refused (or cancelled): this channel is not subscribed; forget it quietly
-                listeners.discard(listener)
-                if not listeners:
-                    del self._listeners[channel]
+                # refused (or cancelled): these are not subscribed; forget them quietly
+                for listener in listeners:
+                    held = self._listeners.get(listener.channel)
+                    if held is not None and listener.channel not in self._home:
+                        held.discard(listener)
+                        if not held:
+                            del self._listeners[listener.channel]
                 raise
-            self._home[channel] = line
 
     async def remove(self, listener: Listener) -> None:
         """Unregister ``listener``; the channel is unsubscribed with its last listener."""
-        channel = listener.channel
-        async with self._lock:
-            listeners = self._listeners.get(channel)
-            if not listeners:
-                return
-            listeners.discard(listener)
-            if listeners:
-                return
+        await self.remove_many([listener])
+
+    async def remove_many(self, listeners: list[Listener]) -> None:
+        """Unregister ``listeners``. The bookkeeping is done first: an unsubscribe that does
+        not reach the server (a cancel, a lost connection) leaves a channel without listeners,
+        which is harmless."""
+        gone: dict[_Line, list[str]] = {}
+        for listener in listeners:
+            channel = listener.channel
+            held = self._listeners.get(channel)
+            if not held:
+                continue
+            held.discard(listener)
+            if held:
+                continue
             del self._listeners[channel]
             line = self._home.pop(channel, None)
             if line is not None:
-                await line.unsubscribe(channel)
+                gone.setdefault(line, []).append(channel)
+        for line, channels in gone.items():
+            await line.unsubscribe_many(channels)
 
     def listening(self, channel: str) -> bool:
         return channel in self._home
@@ -229,6 +250,16 @@ class _Line:
             self._pool = ConnectionPool(connection_class=self._connection_class, **self._kwargs)
         return PubSub(connection_pool=self._pool)
 
+    def _commands(self, channels: list[str]) -> list[list[str]]:
+        """The channels of one subscribe command each: all at once on one server; one slot
+        per command with sharded pub/sub (Redis refuses ``SSUBSCRIBE`` across slots)."""
+        if not self.hub.sharded:
+            return [channels]
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(slot_of(channel), []).append(channel)
+        return list(by_slot.values())
+
     async def subscribe(self, channels: list[str]) -> None:
         """Subscribe and wait for the server's confirmations (read by the reader task)."""
         if self._task is None:
@@ -243,8 +274,9 @@ class _Line:
                 with map_redis_errors():
                     if self._pubsub is None:
                         self._pubsub = self._open()
-                    self._awaiting.append(list(channels))
-                    await getattr(self._pubsub, self._sub)(*channels)
+                    for command in self._commands(channels):
+                        self._awaiting.append(list(command))
+                        await getattr(self._pubsub, self._sub)(*command)
                 self._wake.set()
                 async with asyncio.timeout(settings.connect_timeout):
                     for ev in events.values():
@@ -265,12 +297,17 @@ class _Line:
                 )
 
     async def unsubscribe(self, channel: str) -> None:
-        self.channels.discard(channel)
-        self._confirmed.pop(channel, None)
+        await self.unsubscribe_many([channel])
+
+    async def unsubscribe_many(self, channels: list[str]) -> None:
+        for channel in channels:
+            self.channels.discard(channel)
+            self._confirmed.pop(channel, None)
         if self._pubsub is not None:
             try:
                 with map_redis_errors():
-                    await getattr(self._pubsub, self._unsub)(channel)
+                    for command in self._commands(channels):
+                        await getattr(self._pubsub, self._unsub)(*command)
             except BrokerError:
                 pass  # the reader resubscribes only to the channels still registered
 
@@ -395,7 +432,8 @@ class _Line:
             try:
                 with map_redis_errors():
                     self._pubsub = self._open()
-                    await getattr(self._pubsub, self._sub)(*channels)
+                    for command in self._commands(channels):
+                        await getattr(self._pubsub, self._sub)(*command)
                     # read the confirmations here: the reader is this task
                     confirmed: set[str] = set()
                     async with asyncio.timeout(self.hub.link.settings.connect_timeout):

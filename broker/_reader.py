@@ -1,11 +1,24 @@
-"""The reader of a subscription: one per node (per slot on a cluster, where Redis refuses a
-multi-key read across slots even on one node), reading the streams that node owns.
+"""The reader of a subscription: one per node, reading the streams that node owns.
 
 Its loop, in order of priority: first this consumer's own pending entries (``XREADGROUP`` with
 id ``0``, on start and after every reconnect), then entries other consumers left pending for
 longer than ``claim_idle`` (``XAUTOCLAIM``, every ``claim_interval``, pipelined over the
-streams), then new ones (one blocking ``XREADGROUP ... >`` over the streams). Readers share
-the ledger's room: each reserves its share of ``prefetch`` before it reads.
+streams), then new ones. Readers share the ledger's room: each reserves its share of
+``prefetch`` before it reads.
+
+New entries are read in one of two ways:
+
+- **blocking**: one ``XREADGROUP ... BLOCK`` over every stream, when one command may name them
+  all (one server, or one slot of a cluster: Redis refuses a multi-key command across slots,
+  even on one node) and they are few (``BLOCKING_STREAMS``): the server answers the moment an
+  entry arrives;
+- **doorbell**: otherwise. Producers ring a stream's bell after appending (``PUBLISH`` on the
+  stream's key, ``SPUBLISH`` on a cluster; see :class:`._publisher.Bells`); the reader waits on
+  the broker's pub/sub hub and reads only the streams rung, with non-blocking ``XREADGROUP``
+  (one per slot) in one round trip. So the cost of a read does not grow with the streams that
+  have nothing, and a node with many slots still costs one round trip. Every ``block`` seconds
+  it reads every stream anyway: an entry whose bell was lost (a reconnect) or never rung (a
+  foreign producer such as ``redis-cli XADD``) waits at most that long.
 """
 
 from __future__ import annotations
@@ -13,19 +26,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ._errors import ConnectionLostError
+from ._errors import BrokerError, ConnectionLostError
 from ._ledger import Ledger
+from ._pubsub import Listener
 from ._retry import no_reply
 from ._settle import GroupCalls, Settler
 from ._stream import Stream, decode_entry
-from ._topology import Link, routing_error
+from ._topology import Link, Topology, routing_error, slot_of
 from ._wire import Wire, bulk, pack
 
-__all__ = ["ReadOptions", "Reader"]
+log = logging.getLogger("broker.subscription")
+
+__all__ = ["BLOCKING_STREAMS", "ReadOptions", "Reader", "reader_groups"]
+
+#: a reader blocks on its streams (one command) when they are at most this many
+BLOCKING_STREAMS = 16
+
+
+def reader_groups(topology: Topology, streams: list[Stream]) -> list[tuple[Wire, list[Stream]]]:
+    """The streams by node (one reader each)."""
+    if topology.single is not None:
+        return [(topology.single, streams)]
+    groups: dict[str, tuple[Wire, list[Stream]]] = {}
+    for s in streams:
+        wire = topology.wire_for(s.key)
+        groups.setdefault(wire.name, (wire, []))[1].append(s)
+    return list(groups.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,27 +102,94 @@ class Reader:
         self.reconnects = 0
         self._replay_cursors: dict[str, str] = {}
         self._claim_cursors: dict[str, str] = {}
+        cluster = link.topology.single is None
+        by_slot: dict[int, list[Stream]] = {}
+        for st in streams:
+            by_slot.setdefault(slot_of(st.key) if cluster else 0, []).append(st)
+        #: the streams by what one command may name together (all of them on one server)
+        self.slot_groups = list(by_slot.values())
+        self.blocking = len(self.slot_groups) == 1 and len(streams) <= BLOCKING_STREAMS
+        #: the last blocking read drained the streams: the next one waits for new entries
+        self._drained = False
+        #: doorbell mode: streams rung since their last read, and the event that wakes us
+        self._dirty: set[str] = set()
+        self._rung = asyncio.Event()
+        self._listeners: list[Listener] = []
         # the new-entries read is the same command every time but for COUNT: packed once, as
         # bare arguments (the array header carries the count of all of them)
         head = (b"XREADGROUP", b"GROUP", options.group.encode(), options.consumer.encode())
-        tail = (b"BLOCK", b"%d" % int(options.block * 1000), b"STREAMS")
         keys = [s.key.encode() for s in streams]
-        self._read_head = b"*%d\r\n" % (len(head) + 2 + len(tail) + 2 * len(keys)) + b"".join(
-            map(bulk, head)
-        )
-        self._read_tail = b"".join(map(bulk, (*tail, *keys, *(b">" for _ in keys))))
+        self._read_head = b"*%d\r\n" % (len(head) + 5 + 2 * len(keys)) + b"".join(map(bulk, head))
+        self._read_tail = b"".join(map(bulk, (b"STREAMS", *keys, *(b">" for _ in keys))))
 
     def __repr__(self) -> str:
-        return f"<Reader {self.wire.name} {len(self.streams)} streams>"
+        mode = "blocking" if self.blocking else "doorbell"
+        return f"<Reader {self.wire.name} {len(self.streams)} streams, {mode}>"
+
+    # -- doorbells ----------------------------------------------------------------------------
+
+    def _ring(self, key: str) -> None:
+        self._dirty.add(key)
+        self._rung.set()
+
+    def _bell(self, key: str) -> Callable[[bytes], None]:
+        def ring(_data: bytes) -> None:
+            self._ring(key)
+
+        return ring
+
+    async def _gap(self) -> None:
+        """Bells may have been lost (the hub reconnected, or a channel moved): read them all."""
+        self._dirty.update(s.key for s in self.streams)
+        self._rung.set()
+
+    async def _listen(self) -> None:
+        """Register a bell per stream before the first read: a bell rung after it is heard."""
+        hub = self.link._pubsub_hub()
+        self._listeners = [Listener(st.key, self._bell(st.key), self._gap) for st in self.streams]
+        try:
+            await hub.add_many(self._listeners)
+        except BrokerError as exc:
+            # e.g. no permission for these channels: reading still works, by polling
+            log.warning("%r: cannot listen for doorbells (%s); polling every %gs", self, exc,
+                        self.options.block)  # fmt: skip
+            self._listeners = []
 
     async def run(self) -> None:
+        try:
+            if not self.blocking:
+                await self._listen()
+            await self._loop()
+        finally:
+            if self._listeners:
+                await self.link._pubsub_hub().remove_many(self._listeners)
+
+    async def _loop(self) -> None:
         ledger = self.ledger
         topology = self.link.topology
         backoff = self.link.settings.retry.backoff()
         replay = {s.key for s in self.streams}
         next_claim = 0.0
+        next_poll = 0.0
         while not self.stopped():
-            room = min(ledger.room_left(), self.share)
+            if not self.blocking and not replay and not self._dirty:
+                # a doorbell reader waits for a bell (or its next poll or claim) holding no room
+                now = time.monotonic()
+                if now < next_poll and now < next_claim:
+                    await self._wait_rung(min(next_poll, next_claim) - now)
+                    continue
+            left = ledger.room_left()
+            room = min(left, self.share)
+            if self.blocking and self._drained and not replay and left < ledger.prefetch:
+                if ledger.parked:
+                    # another reader waits for room, and ours would only wait on drained
+                    # streams: it goes first
+                    await ledger.wait_room()
+                    continue
+                # waiting on drained streams while others hold room: reserve one entry per
+                # stream, not a whole share, so room held while nothing comes serves the other
+                # readers (the first entry wakes us; the next read takes the rest)
+                room = min(room, len(self.streams))
             if room <= 0:
                 await ledger.wait_room()
                 continue
@@ -108,9 +206,17 @@ class Reader:
                     async with _bounded(limit):
                         await self._claim(room)
                     next_claim = time.monotonic() + self.options.claim_interval
+                elif self.blocking:
+                    # block until the next claim is due at the latest
+                    block = max(0.001, min(self.options.block, next_claim - started))
+                    started += block  # the server may hold the read this long
+                    await self._read_new(room, limit, block)
                 else:
-                    started += self.options.block  # the server may hold the read this long
-                    await self._read_new(room, limit)
+                    if time.monotonic() >= next_poll:
+                        self._dirty.update(st.key for st in self.streams)
+                        next_poll = time.monotonic() + self.options.block
+                    async with _bounded(limit):
+                        await self._read_rung(room)
                 backoff.reset()
             except ConnectionLostError as exc:
                 if backoff.since is None:
@@ -121,14 +227,39 @@ class Reader:
                 await topology.refresh(str(exc))
                 # a reply lost with the connection may have moved entries to our pending list
                 replay = {s.key for s in self.streams}
+                next_poll = 0.0
             finally:
                 ledger.reserved -= room
+                ledger.make_room()  # what this read did not use may serve another reader
             if ledger.buffer and ledger.waiters:
                 # let the waiting reader take what just arrived before the next read is
                 # sent: sending first would add its system calls to every message's latency
                 await asyncio.sleep(0)
 
     # -- the three kinds of read --------------------------------------------------------------
+
+    def _nonblocking_reads(self, positions: dict[str, str], count: int) -> tuple[bytes, int]:
+        """``XREADGROUP ... COUNT count STREAMS ...`` for the given streams and ids, one command
+        per slot group (a cluster refuses one across slots), as one payload."""
+        parts = []
+        for group in self.slot_groups:
+            keys = [st.key for st in group if st.key in positions]
+            if not keys:
+                continue
+            args: list[bytes | str | int] = [b"XREADGROUP", b"GROUP", self.options.group]
+            args += [self.options.consumer, b"COUNT", count, b"STREAMS", *keys]
+            args += [positions[k] for k in keys]
+            parts.append(pack(*args))
+        return b"".join(parts), len(parts)
+
+    async def _read_positions(
+        self, positions: dict[str, str], count: int
+    ) -> list[tuple[bytes, list[Any]]]:
+        payload, n = self._nonblocking_reads(positions, count)
+        reply: list[tuple[bytes, list[Any]]] = await self.calls.call(
+            lambda: self._xreadgroups(payload, n)
+        )
+        return reply
 
     async def _replay(self, replay: set[str], room: int) -> None:
         """One page of this consumer's own pending entries per stream still replaying."""
@@ -137,11 +268,8 @@ class Reader:
         ids = {s.key: cursors.get(s.key, "0") for s in streams}
         # COUNT is per stream: share the room so a replay over many streams stays bounded
         per_stream = max(1, -(-room // len(streams)))
-        args: list[bytes | str | int] = [b"XREADGROUP", b"GROUP", self.options.group]
-        args += [self.options.consumer, b"COUNT", per_stream, b"STREAMS", *ids, *ids.values()]
         self.ledger.read_cancelled = True  # a cancel mid-call may leave entries we never saw
-        payload = pack(*args)
-        reply = await self.calls.call(lambda: self._xreadgroup(payload, 0.0, None))
+        reply = await self._read_positions(ids, per_stream)
         self.ledger.read_cancelled = False
         got: dict[str, list[Any]] = {s.key: [] for s in streams}
         for key, entries in reply:
@@ -189,14 +317,62 @@ class Reader:
                 self.ledger.claimed += len(entries)
                 await self._ingest(stream, entries, counted=True)
 
-    async def _read_new(self, room: int, limit: float | None) -> None:
+    async def _read_new(self, room: int, limit: float | None, block: float) -> None:
         per_stream = max(1, -(-room // len(self.streams)))
-        payload = self._read_head + b"$5\r\nCOUNT\r\n" + bulk(b"%d" % per_stream) + self._read_tail
+        payload = b"".join(
+            (
+                self._read_head,
+                b"$5\r\nCOUNT\r\n",
+                bulk(b"%d" % per_stream),
+                b"$5\r\nBLOCK\r\n",
+                bulk(b"%d" % int(block * 1000)),
+                self._read_tail,
+            )
+        )
         self.ledger.read_cancelled = True  # cleared below unless the read is cancelled midway
-        reply = await self.calls.call(lambda: self._xreadgroup(payload, self.options.block, limit))
+        reply = await self.calls.call(lambda: self._xreadgroup(payload, block, limit))
         self.ledger.read_cancelled = False
+        self._drained = sum(len(entries) for _, entries in reply) < per_stream
         for key, entries in reply:
             await self._ingest(self.by_key[key], entries, counted=False)
+
+    async def _wait_rung(self, seconds: float) -> None:
+        """Wait for a bell (or ``seconds``, when a poll or a claim is due)."""
+        self._rung.clear()
+        if self._dirty:
+            return
+        try:
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self._rung.wait()
+        except TimeoutError:
+            pass
+
+    async def _read_rung(self, room: int) -> None:
+        """Read the streams rung (or all, at a poll) without blocking, one round trip; a stream
+        that gave a full page stays rung (there may be more)."""
+        keys = [st.key for st in self.streams if st.key in self._dirty]
+        self._dirty.clear()
+        if not keys:
+            return
+        per_stream = max(1, -(-room // len(keys)))
+        self.ledger.read_cancelled = True  # cleared below unless the read is cancelled midway
+        try:
+            reply = await self._read_positions(dict.fromkeys(keys, ">"), per_stream)
+        except BaseException:
+            self._dirty.update(keys)  # not read: read them next time
+            raise
+        self.ledger.read_cancelled = False
+        for key, entries in reply:
+            if len(entries) >= per_stream:
+                self._dirty.add(self.by_key[key].key)
+            await self._ingest(self.by_key[key], entries, counted=False)
+
+    async def _xreadgroups(self, payload: bytes, n: int) -> list[tuple[bytes, list[Any]]]:
+        """``n`` non-blocking ``XREADGROUP`` in one round trip; their replies merged."""
+        out: list[tuple[bytes, list[Any]]] = []
+        for reply in await self.wire.execute(payload, n):
+            out += self._xreadgroup_reply(reply)
+        return out
 
     async def _xreadgroup(
         self, payload: bytes, wait: float, limit: float | None
@@ -204,6 +380,9 @@ class Reader:
         """``XREADGROUP`` as the server sends it: ``[(key, [[id, [field, value, ...]]])]``
         (fields ``None`` for an entry deleted while pending); RESP2 or RESP3."""
         (reply,) = await self.wire.execute(payload, 1, wait=wait, limit=limit)
+        return self._xreadgroup_reply(reply)
+
+    def _xreadgroup_reply(self, reply: Any) -> list[tuple[bytes, list[Any]]]:
         if isinstance(reply, BaseException):
             kind = routing_error(reply)
             if kind is not None:  # the slot moved or its node failed over

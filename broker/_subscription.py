@@ -30,12 +30,12 @@ from ._errors import BrokerError, ClosedError, ConfigurationError, ConnectionLos
 from ._ledger import Ledger
 from ._message import Message
 from ._names import check_group, host_label
-from ._reader import Reader, ReadOptions
+from ._reader import Reader, ReadOptions, reader_groups
 from ._resource import AsyncResource, cancel_all, cancel_and_wait
 from ._scripts import PRUNE_CONSUMER
 from ._settle import GroupCalls, Settler
 from ._stream import Stream
-from ._topology import Link, slot_of
+from ._topology import Link
 from ._wire import Wire
 
 if TYPE_CHECKING:
@@ -552,20 +552,11 @@ class Subscription(AsyncResource, Generic[T]):
     # -- the readers --------------------------------------------------------------------------
 
     def _read_groups(self) -> list[tuple[Wire, list[Stream]]]:
-        """The streams by the reader that can read them in one command: all of them on one
-        server; on a cluster, those of one slot (Redis refuses a multi-key read across slots,
-        even on one node)."""
-        topology = self.link.topology
-        if topology.single is not None:
-            return [(topology.single, self.streams)]
-        groups: dict[tuple[str, int], tuple[Wire, list[Stream]]] = {}
-        for s in self.streams:
-            wire = topology.wire_for(s.key)
-            groups.setdefault((wire.name, slot_of(s.key)), (wire, []))[1].append(s)
-        return list(groups.values())
+        """The streams by node: one reader each."""
+        return reader_groups(self.link.topology, self.streams)
 
     async def _supervise(self) -> None:
-        """Run a reader per node (per slot on a cluster); regroup them when the cluster's slot
+        """Run a reader per node; regroup them when the cluster's slot
         map changes (a failover, a resharding): the new readers replay this consumer's pending
         entries first, so a regroup loses nothing."""
         assert self._ledger is not None and self._settler is not None

@@ -205,3 +205,6 @@ class Link(Protocol):
 
     @property
     def topology(self) -> Topology: ...
+
+    def _pubsub_hub(self) -> Any:
+        """The broker's pub/sub hub (:class:`._pubsub.Hub`)."""
