@@ -25,7 +25,7 @@ def host_label(host: str | None = None) -> str:
 
 
 MAX_NAME = 200
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:/@+=\-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:/@+=\-]+")
 _ALLOWED = "letters, digits and _ . : / @ + = -"
 
 
@@ -34,7 +34,7 @@ def _check(kind: str, name: object) -> str:
         raise ConfigurationError(f"{kind} name must be a str, got {type(name).__name__}")
     if not 1 <= len(name) <= MAX_NAME:
         raise ConfigurationError(f"{kind} name must be 1-{MAX_NAME} characters, got {len(name)}")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):  # not match(): `$` also matches before a final newline
         raise ConfigurationError(
             f"invalid {kind} name {name!r}: use only {_ALLOWED} (no braces, no whitespace)"
         )
@@ -79,6 +79,6 @@ def channel_from_key(namespace: str, key: str) -> str | None:
         base, sep, part = name.rpartition("#")
         if sep and part.isdigit():
             name = base
-        if _NAME_RE.match(name):
+        if _NAME_RE.fullmatch(name):
             return name
     return None
