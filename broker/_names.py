@@ -11,6 +11,7 @@ __all__ = [
     "channel_key",
     "check_channel",
     "check_group",
+    "check_stop_name",
     "dead_key",
     "host_label",
     "semaphore_key",
@@ -53,6 +54,11 @@ def check_channel(name: object) -> str:
 def check_group(name: object) -> str:
     """Return ``name`` if it is a valid group or consumer name (same rules as channels)."""
     return _check("group", name)
+
+
+def check_stop_name(name: object) -> str:
+    """Return ``name`` if it is a valid stop token name (same rules as channels)."""
+    return _check("stop token", name)
 
 
 def channel_key(namespace: str, channel: str) -> str:

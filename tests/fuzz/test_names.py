@@ -1,4 +1,4 @@
-"""Names (channels, groups) against arbitrary text: accepted exactly when they follow
+"""Names (channels, groups, stop tokens) against arbitrary text: accepted exactly when they follow
 the documented rule (1-200 of letters, digits and ``_ . : / @ + = -``), else a
 ``ConfigurationError``; a valid name survives the key layout both ways."""
 
@@ -15,11 +15,12 @@ from broker._names import (
     channel_key,
     check_channel,
     check_group,
+    check_stop_name,
 )
 from tests.fuzz.conftest import Examples, run_for
 
 ALLOWED = set(string.ascii_letters + string.digits + "_.:/@+=-")
-CHECKS = (check_channel, check_group)
+CHECKS = (check_channel, check_group, check_stop_name)
 
 
 def valid(name: str) -> bool:
