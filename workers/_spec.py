@@ -8,7 +8,7 @@ import re
 from typing import Any, Literal
 
 from broker import ConfigurationError
-from broker._names import check_channel, check_group
+from broker._names import check_channel, check_group, check_stop_name
 from broker._names import host_label as this_host
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "SPEC_ENV", "WorkerSpec", "this_host"]
@@ -67,7 +67,7 @@ class WorkerSpec:
         for ch in self.channels:
             check_channel(ch)
         for token in self.stop_tokens:
-            check_channel(token)
+            check_stop_name(token)
         if self.kind == "consume":
             if self.group is None:
                 raise ConfigurationError("a consumer needs a --group")

@@ -196,6 +196,10 @@ async def test_example_producer_and_consumer_pass_every_order(
             "importing it raised RuntimeError: this module fails at import",
         ),
         ([f"{H}:record", "--channel", "a b", "-g", "g"], "invalid channel name"),
+        (
+            [f"{H}:record", "--channel", "a", "-g", "g", "--stop-token", "a b"],
+            "invalid stop token name 'a b'",
+        ),
         ([f"{H}:record", "--channel", "a", "-g", "g", "--log-format", "xml"], "'xml' is not"),
     ],
 )
