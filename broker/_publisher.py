@@ -232,15 +232,15 @@ def _results(items: list[XAdd], raw: list[Any]) -> list[str | BaseException]:
     out: list[str | BaseException] = []
     for it, r in zip(items, raw, strict=False):
         if isinstance(r, BaseException):
-            out.append(_mapped(r, it.channel))
+            out.append(_mapped(r, it.channel, it.key))
         else:
             out.append(r.decode())
     return out
 
 
-def _mapped(error: BaseException, channel: str) -> BaseException:
+def _mapped(error: BaseException, channel: str, key: str) -> BaseException:
     try:
-        with map_redis_errors(channel):
+        with map_redis_errors(channel, key):
             raise error
     except Exception as mapped:
         return mapped
@@ -291,7 +291,8 @@ async def _send_routed(
             for i, r in zip(idx, reply, strict=True):
                 kind = routing_error(r)
                 if kind is None:
-                    results[i] = _mapped(r, items[i].channel) if isinstance(r, BaseException) else r
+                    it = items[i]
+                    results[i] = _mapped(r, it.channel, it.key) if isinstance(r, BaseException) else r
                     continue
                 todo.append(i)
                 if kind == "ASK":
