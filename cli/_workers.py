@@ -271,7 +271,9 @@ def _check(config: Config, name: str | None, host: str | None) -> None:
 
 
 @click.command("workers")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per worker slot.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON array of worker slots ([] when none)."
+)
 @click.pass_obj
 def workers_cmd(config: Config, as_json: bool) -> None:
     """List the live workers of the namespace on every host (from their heartbeats)."""
@@ -282,8 +284,7 @@ def workers_cmd(config: Config, as_json: bool) -> None:
 
     rows = run(fetch())
     if as_json:
-        for s in rows:
-            click.echo(json.dumps(_record(s)))
+        click.echo(json.dumps([_record(s) for s in rows], indent=2))
         return
     if not rows:
         click.echo("no live workers in this namespace", err=True)
