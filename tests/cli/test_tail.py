@@ -7,6 +7,7 @@ import json
 import sys
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import redis.asyncio as aioredis
 
 import broker
@@ -231,6 +232,24 @@ async def test_group_member_opt_in_acks_what_it_prints(client, name, invoke, raw
     compare_ids(ids[3:], [r["id"] for r in json_lines(rest.stdout)])
     (group,) = await raw.xinfo_groups(ch.key)
     assert group["pending"] == 0 and group["last-delivered-id"].decode() == ids[-1]
+
+
+@pytest.mark.parametrize("count", [1, 2, 5])
+async def test_group_member_with_a_count_fetches_no_more_than_it_prints(
+    client, name, invoke, raw, count
+):
+    """Fetched but unprinted messages would be held by the tail's consumer name (pending,
+    released at best) instead of going to the group's workers."""
+    ch = client.channel(name)
+    await ch.create_group("g", "all")
+    ids = await ch.publish_many({"n": i} for i in range(40))
+    result = await invoke("tail", name, "--group", "g", "--consumer", "cli", "-c", str(count))
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in json_lines(result.stdout)] == ids[:count]
+    (group,) = await raw.xinfo_groups(ch.key)
+    fetched = group["entries-read"]
+    assert (fetched, group["pending"]) == (count, 0), f"fetched {fetched} to print {count}"
+    assert group["last-delivered-id"].decode() == ids[count - 1]
 
 
 async def test_group_mode_needs_an_existing_group(client, name, invoke, raw):
