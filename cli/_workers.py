@@ -47,6 +47,7 @@ Exit status:
 
 \b
 Examples:
+  broker worker handlers:handle --channel orders --group billing   # ./handlers.py
   broker worker broker.workers.examples:orders --channel orders
   broker worker broker.workers.examples:process_order --channel orders --group billing -p 2 -c 8
   broker worker --check --name process-order      # for a container health check
@@ -174,6 +175,9 @@ def worker(
     to other consumers, running handlers get --grace seconds to finish (and are acked), then
     they are cancelled (left pending). A second signal forces a fast exit.
 
+    MODULE is imported with the current folder first on the import path, as uvicorn,
+    gunicorn, celery and arq do: `broker worker handlers:handle` runs ./handlers.py.
+
     Each process is a slot with a stable consumer name (<name>-<host>-<slot>): a slot that
     crashes is restarted with backoff and replays its own pending messages. Every slot writes
     a heartbeat (see `broker workers`); logs go to stderr, one line per lifecycle event or
@@ -187,7 +191,9 @@ def worker(
         raise click.UsageError("missing MODULE:HANDLER (or --check)", ctx=ctx)
     from broker import ConfigurationError
     from broker.workers import Supervisor, WorkerSpec, inspect_target
+    from broker.workers._target import import_from_current_folder
 
+    import_from_current_folder()
     try:
         target = inspect_target(handler)
     except ConfigurationError as exc:
