@@ -282,7 +282,12 @@ def _check(config: Config, name: str | None, host: str | None) -> None:
 )
 @click.pass_obj
 def workers_cmd(config: Config, as_json: bool) -> None:
-    """List the live workers of the namespace on every host (from their heartbeats)."""
+    """List the workers of the namespace on every host, from their heartbeats.
+
+    A slot without a heartbeat for three intervals (its event loop blocked, its host cut
+    off, or dead) is listed as stale with the age of its last one, until it has been silent
+    for a minute (or ten intervals): then it is gone.
+    """
 
     async def fetch() -> list[WorkerStatus]:
         async with config.connect() as b:
@@ -293,20 +298,34 @@ def workers_cmd(config: Config, as_json: bool) -> None:
         click.echo(json.dumps([_record(s) for s in rows], indent=2))
         return
     if not rows:
-        click.echo("no live workers in this namespace", err=True)
+        click.echo("no workers in this namespace", err=True)
         return
-    head = ("WORKER", "KIND", "STATE", "PID", "CHANNELS", "IN FLIGHT", "DONE", "FAILED", "UP")
+    head = (
+        "WORKER",
+        "KIND",
+        "STATE",
+        "PID",
+        "CHANNELS",
+        "IN FLIGHT",
+        "DONE",
+        "FAILED",
+        "RSS",
+        "UP",
+        "LAST SEEN",
+    )
     body = [
         (
             s.id,
             s.kind,
-            s.state,
+            s.state if s.alive else "stale",  # no heartbeat for 3 intervals: blocked or dead
             str(s.pid),
             ",".join(s.channels) + (f" ({s.group})" if s.group else ""),
             str(s.in_flight),
             str(s.processed),
             str(s.failed),
+            "-" if s.rss is None else f"{s.rss / 2**20:.1f}M",
             duration(s.uptime),
+            f"{duration(s.age)} ago",
         )
         for s in rows
     ]

@@ -27,7 +27,7 @@ import broker
 from broker import BrokerError, ConfigurationError, StopSource, StopToken
 from broker._resource import cancel_and_wait
 
-from ._health import forget, write_heartbeat
+from ._health import forget, rss_bytes, write_heartbeat
 from ._logging import event
 from ._run import Runner, make_runner
 from ._spec import WorkerSpec
@@ -134,6 +134,7 @@ class _Slot:
             "in_flight": r.in_flight() if r else 0,
             "interval": spec.heartbeat,
             "handler": spec.target,
+            "rss": rss_bytes(),
         }
 
 

@@ -149,7 +149,7 @@ async def _until(check: Callable[[], Awaitable[bool]], watch: asyncio.subprocess
 
 
 async def _running(b: broker.Broker, n: int) -> bool:
-    return sum(w.state == "running" for w in await list_workers(b)) == n
+    return sum(w.state == "running" and w.alive for w in await list_workers(b)) == n
 
 
 async def _drained(b: broker.Broker, orders: broker.Channel[object]) -> bool:

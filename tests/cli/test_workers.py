@@ -308,4 +308,4 @@ async def test_workers_json_with_no_workers_prints_an_empty_array(invoke) -> Non
     assert json.loads(result.stdout) == []
     table = await invoke("workers")
     assert table.exit_code == 0 and table.stdout == ""
-    assert "no live workers" in table.stderr
+    assert "no workers" in table.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -130,3 +131,9 @@ class Callable:
 
 
 callable_object = Callable()
+
+
+async def block_loop(msg: broker.Message[Any]) -> None:
+    """Blocks the whole event loop for ``$BLOCK_SECONDS`` (a sync call in an async handler)."""
+    time.sleep(float(os.environ.get("BLOCK_SECONDS", "5")))  # noqa: ASYNC251 - on purpose
+    recorded.append(msg.id)
