@@ -26,6 +26,8 @@ _CONSUMER_ONLY = (
     "max_deliveries",
     "claim_idle",
     "start",
+    "max_memory",
+    "max_messages",
 )
 
 
@@ -43,6 +45,7 @@ Exit status:
   2        usage error
   3        stopped, but the grace period ran out: running handlers were cancelled
            (their messages stay pending and are delivered again)
+  4        (a slot) retired by --max-memory/--max-messages: replaced at once
   128+N    a second signal N forced a fast exit (130: Ctrl-C twice, 143: SIGTERM twice)
 
 \b
@@ -99,6 +102,19 @@ Examples:
     default="new",
     show_default=True,
     help="Where a new group starts: new, all or an entry id.",
+)
+@click.option(
+    "--max-memory",
+    type=click.IntRange(1),
+    metavar="MB",
+    help="Retire a slot whose resident memory reached MB MiB: it stops taking messages, "
+    "finishes and acks what runs, exits, and a fresh one starts at once (consumers).",
+)
+@click.option(
+    "--max-messages",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Retire a slot after it handled N messages, the same way (consumers).",
 )
 @click.option(
     "--stop-token",
@@ -166,6 +182,8 @@ def worker(
     log_level: str,
     log_format: str,
     check: bool,
+    max_memory: int | None,
+    max_messages: int | None,
 ) -> None:
     """Run MODULE:HANDLER as a consumer or producer worker in P processes on this host.
 
@@ -179,9 +197,11 @@ def worker(
     gunicorn, celery and arq do: `broker worker handlers:handle` runs ./handlers.py.
 
     Each process is a slot with a stable consumer name (<name>-<host>-<slot>): a slot that
-    crashes is restarted with backoff and replays its own pending messages. Every slot writes
-    a heartbeat (see `broker workers`); logs go to stderr, one line per lifecycle event or
-    failure.
+    crashes is restarted with backoff and replays its own pending messages; a handler's
+    MemoryError ends its slot that way too (the message stays pending, it is not a handler
+    failure). --max-memory/--max-messages retire a slot gracefully and start a fresh one at
+    once. Every slot writes a heartbeat (see `broker workers`); logs go to stderr, one line per
+    lifecycle event or failure.
     """
     config: Config = ctx.obj
     if check:
@@ -243,6 +263,8 @@ def worker(
             host=host,
             log_level=log_level,
             log_format=log_format,
+            max_memory=max_memory,
+            max_messages=max_messages,
         )
         config.connect()  # a bad URL or namespace: one line now, not one per child
     except ConfigurationError as exc:
