@@ -1,6 +1,7 @@
-"""Names (channels, groups, stop tokens) against arbitrary text: accepted exactly when they follow
-the documented rule (1-200 of letters, digits and ``_ . : / @ + = -``), else a
-``ConfigurationError``; a valid name survives the key layout both ways."""
+"""Names against arbitrary text: channels, groups and stop tokens are accepted exactly when
+they follow the documented rule (1-200 of letters, digits and ``_ . : / @ + = -``), namespaces
+theirs (1-64 of letters, digits and ``_ . - :``), else a ``ConfigurationError``; a valid name
+survives the key layout both ways."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from broker._names import (
     check_group,
     check_stop_name,
 )
+from broker._settings import Settings
 from tests.fuzz.conftest import Examples, run_for
 
 ALLOWED = set(string.ascii_letters + string.digits + "_.:/@+=-")
@@ -57,6 +59,35 @@ def test_fuzz_names() -> None:
     run_for(examples, body, names, st.sampled_from(["broker", "t1", "a:b"]))
 
 
+NAMESPACE = set(string.ascii_letters + string.digits + "_.-:")
+
+
+def test_fuzz_namespaces() -> None:
+    examples = Examples("namespaces")
+
+    def body(namespace: str) -> None:
+        examples.hit()
+        ok = 1 <= len(namespace) <= 64 and set(namespace) <= NAMESPACE
+        if ok:
+            assert Settings.from_url("redis://localhost/0", namespace=namespace).namespace
+        else:
+            with pytest.raises(ConfigurationError):
+                Settings.from_url("redis://localhost/0", namespace=namespace)
+
+    odd = st.sampled_from(["\n", " ", "{", "/", "\u00e9"])
+    run_for(
+        examples,
+        body,
+        st.one_of(
+            st.text(max_size=70),
+            st.text(alphabet=sorted(NAMESPACE), min_size=1, max_size=70),
+            st.builds(
+                lambda head, c: head + c, st.text(alphabet=sorted(NAMESPACE), max_size=63), odd
+            ),
+        ),
+    )
+
+
 # -- what the fuzzer found, as regular tests ----------------------------------------------------
 
 
@@ -66,6 +97,11 @@ def test_a_trailing_newline_is_not_a_valid_name(check: object, name: str) -> Non
     """``re.match`` with ``$`` let a final newline through (``$`` matches before it)."""
     with pytest.raises(ConfigurationError):
         check(name)  # type: ignore[operator]
+
+
+def test_a_namespace_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        Settings.from_url("redis://localhost/0", namespace="broker\n")
 
 
 def test_a_key_with_a_trailing_newline_is_not_a_channel() -> None:
