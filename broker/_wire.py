@@ -114,6 +114,12 @@ class Wire:
                         out.append(await conn.read_response())
                     except rex.ResponseError as exc:
                         out.append(exc)
+                    except (rex.RedisError, OSError):
+                        raise
+                    except Exception as exc:  # bytes no Redis sends: a parser's own error
+                        raise rex.InvalidResponse(
+                            f"unreadable reply from the server ({type(exc).__name__}: {exc})"
+                        ) from exc
             complete = True
             return out
         except TimeoutError:
