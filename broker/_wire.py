@@ -108,6 +108,12 @@ class Wire:
             out: list[Any] = []
             async with asyncio.timeout(limit):
                 conn = await pool.get_connection()
+                if await conn.can_read():
+                    # bytes nobody asked for (or the server closed it) since its last use: they
+                    # must not be read as this exchange's replies. (redis-py's pool checks this
+                    # too, but not on RESP3 connections, where it awaits push notifications)
+                    await conn.disconnect(nowait=True)
+                    await conn.connect()
                 await conn.send_packed_command(payload)
                 for _ in range(replies):
                     try:
