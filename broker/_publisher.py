@@ -9,7 +9,7 @@ import functools
 import time
 from typing import Any
 
-from ._errors import ClosedError, ConnectionLostError, map_redis_errors
+from ._errors import ClosedError, ConnectionLostError, RedisCommandError, map_redis_errors
 from ._retry import RetryPolicy, no_reply
 from ._topology import Topology, ask_target, routing_error
 from ._wire import Wire, bulk, pack
@@ -234,8 +234,24 @@ def _results(items: list[XAdd], raw: list[Any]) -> list[str | BaseException]:
         if isinstance(r, BaseException):
             out.append(_mapped(r, it.channel, it.key))
         else:
-            out.append(r.decode())
+            out.append(_entry_id(r, it))
     return out
+
+
+def _entry_id(reply: Any, it: XAdd) -> str | BaseException:
+    """The id XADD answered, or the error for a reply no Redis sends (a proxy's, a "compatible"
+    server's): never a bogus id returned as if the entry were known."""
+    try:
+        entry_id: str = reply.decode("ascii")
+    except (AttributeError, UnicodeDecodeError):
+        entry_id = ""
+    ms, dash, seq = entry_id.partition("-")
+    if dash and ms.isdigit() and seq.isdigit():
+        return entry_id
+    return RedisCommandError(
+        f"unexpected reply to XADD on channel {it.channel!r}: {reply!r:.100} (not an entry id; "
+        "the entry may have been appended)"
+    )
 
 
 def _mapped(error: BaseException, channel: str, key: str) -> BaseException:
@@ -292,7 +308,11 @@ async def _send_routed(
                 kind = routing_error(r)
                 if kind is None:
                     it = items[i]
-                    results[i] = _mapped(r, it.channel, it.key) if isinstance(r, BaseException) else r
+                    results[i] = (
+                        _mapped(r, it.channel, it.key)
+                        if isinstance(r, BaseException)
+                        else _entry_id(r, it)
+                    )
                     continue
                 todo.append(i)
                 if kind == "ASK":
@@ -328,7 +348,7 @@ async def _exchange_routed(wire: Wire, items: list[XAdd], limit: float, asking: 
     payload, count = _payload(items)
     with map_redis_errors():
         raw = await wire.execute(payload, count, limit=limit)
-    return [r if isinstance(r, BaseException) else r.decode() for r in raw[: len(items)]]
+    return raw[: len(items)]
 
 
 def pack_xadd(it: XAdd) -> bytes:
