@@ -107,12 +107,14 @@ def dump(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators)
 
 
-def iso(msg: Message[Any]) -> str:
-    return iso_time(msg.timestamp)
+def iso(msg: Message[Any]) -> str | None:
+    return iso_time(id_time(msg.id))
 
 
-def iso_time(when: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds: ``2024-05-01T12:00:00.123Z``."""
+def iso_time(when: datetime | None) -> str | None:
+    """ISO 8601 in UTC with milliseconds: ``2024-05-01T12:00:00.123Z`` (None for None)."""
+    if when is None:
+        return None
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -122,12 +124,18 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
 
 
-def id_time(entry_id: str) -> datetime:
-    """When an entry was added, from its id (UTC)."""
-    return datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, tz=UTC)
+def id_time(entry_id: str) -> datetime | None:
+    """When an entry was added, from its id (UTC); None past the year 9999 (Redis takes ids up
+    to ``2**64 - 1`` ms, ``XADD key 99999999999999-0 ...``)."""
+    try:
+        return datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, tz=UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
-def local_time(when: datetime) -> str:
+def local_time(when: datetime | None) -> str:
+    if when is None:
+        return "(time out of range)"
     local = when.astimezone()
     return f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d}"
 
@@ -226,7 +234,7 @@ class Pretty:
         parts = [
             self._style(msg.channel, fg="cyan", bold=True),
             self._style(msg.id, fg="yellow"),
-            self._style(local_time(msg.timestamp), dim=True),
+            self._style(local_time(id_time(msg.id)), dim=True),
         ]
         plain = len(msg.channel) + len(msg.id) + 25
         if self._deliveries and msg.deliveries > 1:
@@ -318,7 +326,7 @@ class Template:
         values = {
             "channel": msg.channel,
             "id": msg.id,
-            "time": iso(msg),
+            "time": iso(msg) or "",
             "ms": msg.id.split("-", 1)[0],
             "headers": dump(msg.headers),
             "data": "" if error else data,
