@@ -195,16 +195,16 @@ def test_fuzz_decode_entry_and_cli_outputs(monkeypatch: pytest.MonkeyPatch) -> N
         _format.RawPayloads(),
     ]
 
-    def body(fields: Any, codec: str, small: bool, deliveries: int) -> None:
+    def body(fields: Any, codec: str, small: bool, deliveries: int, entry_id: str) -> None:
         examples.hit()
         ch = channels[codec, 64 if small else 16 << 20]
-        msg = decode_entry(ch, "1700000000000-7", fields, deliveries)
+        msg = decode_entry(ch, entry_id, fields, deliveries)
         as_dict = (
             fields
             if isinstance(fields, dict)
             else dict(zip((fields or [])[::2], (fields or [])[1::2], strict=False))
         )
-        assert (msg.id, msg.channel, msg.deliveries) == ("1700000000000-7", "orders", deliveries)
+        assert (msg.id, msg.channel, msg.deliveries) == (entry_id, "orders", deliveries)
         if b"d" not in as_dict:
             assert msg.foreign and msg.error is None and isinstance(msg.data, dict)
             assert all(isinstance(k, str) for k in msg.data)
@@ -241,6 +241,12 @@ def test_fuzz_decode_entry_and_cli_outputs(monkeypatch: pytest.MonkeyPatch) -> N
         st.sampled_from(CODECS),
         st.booleans(),
         st.integers(1, 10),
+        # any id Redis takes: up to 2**64-1 ms, far past the year 9999
+        st.builds(
+            lambda ms, seq: f"{ms}-{seq}",
+            st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 253402300799999, 2**64 - 1])),
+            st.integers(0, 2**64 - 1),
+        ),
         budget=BUDGET / 2,
     )
 
