@@ -80,6 +80,14 @@ def run_for(
     return examples.count
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A fuzz target runs for its budget: the suite's per-test timeout (which catches hangs)
+    grows with it."""
+    for item in items:
+        if "tests/fuzz/" in item.nodeid.replace("\\", "/") and "fuzz" in item.name:
+            item.add_marker(pytest.mark.timeout(max(120, int(2 * BUDGET) + 60)))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for name, examples, seconds in RUNS:
         terminalreporter.write_line(

@@ -19,7 +19,7 @@ from broker._names import (
     check_stop_name,
 )
 from broker._settings import Settings
-from tests.fuzz.conftest import Examples, run_for
+from tests.fuzz.conftest import BUDGET, Examples, run_for
 
 ALLOWED = set(string.ascii_letters + string.digits + "_.:/@+=-")
 CHECKS = (check_channel, check_group, check_stop_name)
@@ -56,7 +56,7 @@ def test_fuzz_names() -> None:
         if valid(name):
             assert channel_from_key(namespace, channel_key(namespace, name)) == name
 
-    run_for(examples, body, names, st.sampled_from(["broker", "t1", "a:b"]))
+    run_for(examples, body, names, st.sampled_from(["broker", "t1", "a:b"]), budget=BUDGET / 6)
 
 
 NAMESPACE = set(string.ascii_letters + string.digits + "_.-:")
@@ -85,6 +85,7 @@ def test_fuzz_namespaces() -> None:
                 lambda head, c: head + c, st.text(alphabet=sorted(NAMESPACE), max_size=63), odd
             ),
         ),
+        budget=BUDGET / 6,
     )
 
 
