@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import broker
 from broker._codec import fast_decoder, get_codec, unpack_headers
-from broker._subscription import decode_entry
+from broker._stream import Stream, decode_entry
 from tests.fuzz.conftest import BUDGET, Examples, run_for
 
 # -- payloads -----------------------------------------------------------------------------------
@@ -127,9 +127,11 @@ def entries(draw: st.DrawFn) -> Any:
     return flat
 
 
-def channel(codec: str, max_payload: int) -> broker.Channel[Any]:
-    b = broker.connect("redis://127.0.0.1:1/0", max_payload=max_payload)  # never opened
-    return b.channel("orders", codec=codec)
+def channel(codec: str, max_payload: int) -> Stream:
+    """The stream of channel ``orders``, as subscriptions and tails decode it."""
+    return Stream(
+        "orders", "broker:{orders}", "broker:{orders}:dead", get_codec(codec), max_payload
+    )
 
 
 CODECS = ["msgpack", "json", "raw"]

@@ -127,7 +127,7 @@ class Target:
         self.client = aioredis.Redis.from_url(
             self.server.url, protocol=protocol, parser_class=parser
         )
-        self.wire = Wire(self.client, timeout=5.0)
+        self.wire = Wire.like(self.client, timeout=5.0)
 
     def close(self) -> None:
         self.loop.run_until_complete(self.wire.aclose())
