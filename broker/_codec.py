@@ -68,7 +68,7 @@ class JsonCodec:
     def decode(self, raw: bytes) -> Any:
         try:
             return json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nested too deep
             raise ValueError(f"invalid JSON: {exc}") from exc
 
 

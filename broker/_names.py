@@ -11,6 +11,7 @@ __all__ = [
     "channel_key",
     "check_channel",
     "check_group",
+    "check_stop_name",
     "dead_key",
     "host_label",
     "semaphore_key",
@@ -25,7 +26,7 @@ def host_label(host: str | None = None) -> str:
 
 
 MAX_NAME = 200
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:/@+=\-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:/@+=\-]+")
 _ALLOWED = "letters, digits and _ . : / @ + = -"
 
 
@@ -34,7 +35,7 @@ def _check(kind: str, name: object) -> str:
         raise ConfigurationError(f"{kind} name must be a str, got {type(name).__name__}")
     if not 1 <= len(name) <= MAX_NAME:
         raise ConfigurationError(f"{kind} name must be 1-{MAX_NAME} characters, got {len(name)}")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):  # not match(): `$` also matches before a final newline
         raise ConfigurationError(
             f"invalid {kind} name {name!r}: use only {_ALLOWED} (no braces, no whitespace)"
         )
@@ -53,6 +54,11 @@ def check_channel(name: object) -> str:
 def check_group(name: object) -> str:
     """Return ``name`` if it is a valid group or consumer name (same rules as channels)."""
     return _check("group", name)
+
+
+def check_stop_name(name: object) -> str:
+    """Return ``name`` if it is a valid stop token name (same rules as channels)."""
+    return _check("stop token", name)
 
 
 def channel_key(namespace: str, channel: str) -> str:
@@ -79,6 +85,6 @@ def channel_from_key(namespace: str, key: str) -> str | None:
         base, sep, part = name.rpartition("#")
         if sep and part.isdigit():
             name = base
-        if _NAME_RE.match(name):
+        if _NAME_RE.fullmatch(name):
             return name
     return None

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ._errors import ClosedError, ConnectionLostError, map_redis_errors
+from ._errors import ClosedError, ConnectionLostError, RedisCommandError, map_redis_errors
 from ._retry import RetryPolicy, no_reply
 from ._topology import Topology, ask_target, routing_error
 from ._wire import Wire, bulk, pack
@@ -305,15 +305,31 @@ def _results(items: list[XAdd], raw: list[Any]) -> list[str | BaseException]:
     out: list[str | BaseException] = []
     for it, r in zip(items, raw, strict=False):
         if isinstance(r, BaseException):
-            out.append(_mapped(r, it.channel))
+            out.append(_mapped(r, it.channel, it.key))
         else:
-            out.append(r.decode())
+            out.append(_entry_id(r, it))
     return out
 
 
-def _mapped(error: BaseException, channel: str) -> BaseException:
+def _entry_id(reply: Any, it: XAdd) -> str | BaseException:
+    """The id XADD answered, or the error for a reply no Redis sends (a proxy's, a "compatible"
+    server's): never a bogus id returned as if the entry were known."""
     try:
-        with map_redis_errors(channel):
+        entry_id: str = reply.decode("ascii")
+    except (AttributeError, UnicodeDecodeError):
+        entry_id = ""
+    ms, dash, seq = entry_id.partition("-")
+    if dash and ms.isdigit() and seq.isdigit():
+        return entry_id
+    return RedisCommandError(
+        f"unexpected reply to XADD on channel {it.channel!r}: {reply!r:.100} (not an entry id; "
+        "the entry may have been appended)"
+    )
+
+
+def _mapped(error: BaseException, channel: str, key: str) -> BaseException:
+    try:
+        with map_redis_errors(channel, key):
             raise error
     except Exception as mapped:
         return mapped
@@ -364,7 +380,12 @@ async def _send_routed(
             for i, r in zip(idx, reply, strict=True):
                 kind = routing_error(r)
                 if kind is None:
-                    results[i] = _mapped(r, items[i].channel) if isinstance(r, BaseException) else r
+                    it = items[i]
+                    results[i] = (
+                        _mapped(r, it.channel, it.key)
+                        if isinstance(r, BaseException)
+                        else _entry_id(r, it)
+                    )
                     continue
                 todo.append(i)
                 if kind == "ASK":
@@ -404,7 +425,7 @@ async def _exchange_routed(
         raw = await wire.execute(payload, count, limit=limit)
     if not any(routing_error(r) for r in raw[: len(items)]):
         _heard(bells, rung, raw)
-    return [r if isinstance(r, BaseException) else r.decode() for r in raw[: len(items)]]
+    return raw[: len(items)]
 
 
 def pack_xadd(it: XAdd) -> bytes:

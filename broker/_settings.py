@@ -23,7 +23,7 @@ _SCHEMES = (
     "redis+sentinel",
     "rediss+sentinel",
 )
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-:]{1,64}$")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-:]{1,64}")
 
 
 def redact_url(url: str) -> str:
@@ -61,7 +61,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         parse_endpoint(self.url)
-        if not _NAMESPACE_RE.match(self.namespace):
+        if not _NAMESPACE_RE.fullmatch(self.namespace):  # `$` would let a final newline in
             raise ConfigurationError(
                 f"namespace must be 1-64 characters of letters, digits, '_', '-', '.', ':', "
                 f"got {self.namespace!r}"

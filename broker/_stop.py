@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgpack
 
 from ._errors import BrokerError, ClosedError, PermissionDeniedError, map_redis_errors
-from ._names import check_channel
+from ._names import check_stop_name
 from ._pubsub import CHECK_INTERVAL, Listener
 from ._resource import AsyncResource, cancel_and_wait
 
@@ -204,7 +204,7 @@ class RemoteStopSource:
 
     def __init__(self, broker: Broker, name: str) -> None:
         self.broker = broker
-        self.name = check_channel(name)
+        self.name = check_stop_name(name)
         self.key = stop_key(broker.namespace, name)
 
     async def stop(self, reason: str | None = None, *, ttl: float | None = None) -> int:
@@ -267,7 +267,7 @@ class RemoteStopToken(StopToken, AsyncResource):
     def __init__(self, broker: Broker, name: str, *, parent: StopToken | None = None) -> None:
         super().__init__()
         self.broker = broker
-        self.name = check_channel(name)
+        self.name = check_stop_name(name)
         self.key = stop_key(broker.namespace, name)
         self._parent = parent
         self._remove_parent: Callable[[], None] | None = None

@@ -108,12 +108,24 @@ class Wire:
             out: list[Any] = []
             async with asyncio.timeout(limit):
                 conn = await pool.get_connection()
+                if await conn.can_read():
+                    # bytes nobody asked for (or the server closed it) since its last use: they
+                    # must not be read as this exchange's replies. (redis-py's pool checks this
+                    # too, but not on RESP3 connections, where it awaits push notifications)
+                    await conn.disconnect(nowait=True)
+                    await conn.connect()
                 await conn.send_packed_command(payload)
                 for _ in range(replies):
                     try:
                         out.append(await conn.read_response())
                     except rex.ResponseError as exc:
                         out.append(exc)
+                    except (rex.RedisError, OSError):
+                        raise
+                    except Exception as exc:  # bytes no Redis sends: a parser's own error
+                        raise rex.InvalidResponse(
+                            f"unreadable reply from the server ({type(exc).__name__}: {exc})"
+                        ) from exc
             complete = True
             return out
         except TimeoutError:

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 import broker
+from broker._names import check_stop_name
 
 from ._common import Config, UserError, channel_missing, check_channels, note, run
 from ._format import dump, duration, jsonable, table
@@ -280,6 +281,10 @@ def stop(config: Config, name: str, reason: str | None, ttl: float | None, reset
     messages. The stop is also recorded, so hosts that connect later see it (until --ttl)."""
     if reset and (reason is not None or ttl is not None):
         raise click.UsageError("--reset takes no --reason or --ttl")
+    try:
+        check_stop_name(name)  # before connecting: a bad name needs no server to be told
+    except broker.ConfigurationError as exc:
+        raise UserError(str(exc), exit_code=2) from None
     result = run(_stop(config, name, reason, ttl, reset))
     if reset:
         click.echo(f"reset stop token {name!r}" if result else f"stop token {name!r} was not set")

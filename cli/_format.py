@@ -40,6 +40,7 @@ __all__ = [
     "Pretty",
     "RawPayloads",
     "Template",
+    "TooDeep",
     "check_template",
     "dump",
     "duration",
@@ -58,8 +59,23 @@ TOKENS = ("channel", "id", "time", "ms", "headers", "data", "error")
 # -- values ------------------------------------------------------------------------------------
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` with everything JSON cannot hold made explicit (bytes as ``{"$base64": ...}``)."""
+#: how deep data is printed: deeper data (a payload of nested arrays decodes fine) is reported
+#: as not printable instead of ending the command with a RecursionError
+MAX_DEPTH = 200
+
+
+class TooDeep(ValueError):
+    """The data is nested deeper than :data:`MAX_DEPTH`."""
+
+    def __init__(self) -> None:
+        super().__init__(f"cannot print: data nested deeper than {MAX_DEPTH} levels")
+
+
+def jsonable(value: Any, _depth: int = 0) -> Any:
+    """``value`` with everything JSON cannot hold made explicit (bytes as ``{"$base64": ...}``).
+
+    :raises TooDeep: if it is nested deeper than :data:`MAX_DEPTH`.
+    """
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -68,19 +84,21 @@ def jsonable(value: Any) -> Any:
         return {"$base64": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, msgpack.ExtType):
         return {"$ext": value.code, "$base64": base64.b64encode(value.data).decode("ascii")}
+    if isinstance(value, dict | list | tuple) and _depth >= MAX_DEPTH:
+        raise TooDeep()
     if isinstance(value, dict):
-        return {_key(k): jsonable(v) for k, v in value.items()}
+        return {_key(k, _depth): jsonable(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, _depth + 1) for v in value]
     if isinstance(value, datetime):
         return value.isoformat()
-    return str(value)  # msgpack ExtType, Timestamp, ...
+    return str(value)  # msgpack Timestamp, ...
 
 
-def _key(key: Any) -> str:
+def _key(key: Any, depth: int = 0) -> str:
     if isinstance(key, bytes):
         return key.decode("utf-8", "backslashreplace")
-    return key if isinstance(key, str) else json.dumps(jsonable(key))
+    return key if isinstance(key, str) else json.dumps(jsonable(key, depth + 1))
 
 
 def dump(value: Any, indent: int | None = None) -> str:
@@ -89,12 +107,14 @@ def dump(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators)
 
 
-def iso(msg: Message[Any]) -> str:
-    return iso_time(msg.timestamp)
+def iso(msg: Message[Any]) -> str | None:
+    return iso_time(id_time(msg.id))
 
 
-def iso_time(when: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds: ``2024-05-01T12:00:00.123Z``."""
+def iso_time(when: datetime | None) -> str | None:
+    """ISO 8601 in UTC with milliseconds: ``2024-05-01T12:00:00.123Z`` (None for None)."""
+    if when is None:
+        return None
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -104,12 +124,18 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
 
 
-def id_time(entry_id: str) -> datetime:
-    """When an entry was added, from its id (UTC)."""
-    return datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, tz=UTC)
+def id_time(entry_id: str) -> datetime | None:
+    """When an entry was added, from its id (UTC); None past the year 9999 (Redis takes ids up
+    to ``2**64 - 1`` ms, ``XADD key 99999999999999-0 ...``)."""
+    try:
+        return datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, tz=UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
-def local_time(when: datetime) -> str:
+def local_time(when: datetime | None) -> str:
+    if when is None:
+        return "(time out of range)"
     local = when.astimezone()
     return f"{local:%Y-%m-%d %H:%M:%S}.{local.microsecond // 1000:03d}"
 
@@ -130,18 +156,22 @@ def duration(seconds: float) -> str:
 
 def message_record(msg: Message[Any], *, deliveries: bool = False) -> dict[str, Any]:
     """The JSON object of one message (see the module docstring)."""
+    error = msg.error
+    try:
+        data = None if error is not None else jsonable(msg.data)
+    except TooDeep as exc:
+        data, error = None, str(exc)
     record: dict[str, Any] = {
         "channel": msg.channel,
         "id": msg.id,
         "timestamp": iso(msg),
         "headers": msg.headers,
-        "data": jsonable(msg.data),
+        "data": data,
     }
     if msg.foreign:
         record["foreign"] = True
-    if msg.error is not None:
-        record["data"] = None
-        record["error"] = msg.error
+    if error is not None:
+        record["error"] = error
         record["fields"] = jsonable(msg.fields)
     if deliveries:
         record["deliveries"] = msg.deliveries
@@ -179,6 +209,17 @@ class JsonLines:
         self._out.flush()
 
 
+def _write_line(out: Any, line: str) -> None:
+    """``line`` in one write; what the stream cannot encode (a lone surrogate, which a JSON
+    payload can carry, or a terminal that is not UTF-8) is written as a backslash escape."""
+    try:
+        out.write(line)
+    except UnicodeEncodeError:  # raised before anything was written
+        encoding = getattr(out, "encoding", None) or "utf-8"
+        out.write(line.encode(encoding, "backslashreplace").decode(encoding))
+    out.flush()
+
+
 class Pretty:
     def __init__(self, *, color: bool, deliveries: bool = False) -> None:
         self._out = sys.stdout
@@ -193,34 +234,45 @@ class Pretty:
         parts = [
             self._style(msg.channel, fg="cyan", bold=True),
             self._style(msg.id, fg="yellow"),
-            self._style(local_time(msg.timestamp), dim=True),
+            self._style(local_time(id_time(msg.id)), dim=True),
         ]
         plain = len(msg.channel) + len(msg.id) + 25
         if self._deliveries and msg.deliveries > 1:
             parts.append(self._style(f"delivery {msg.deliveries}", fg="red"))
         if msg.headers:
-            h = " ".join(f"{k}={v}" for k, v in msg.headers.items())
+            h = _visible(" ".join(f"{k}={v}" for k, v in msg.headers.items()))
             parts.append(self._style(h, fg="magenta"))
             plain += len(h) + 1
         if msg.error is not None:
-            parts.append(self._style(f"cannot decode: {msg.error}", fg="red", bold=True))
+            error = _visible(f"cannot decode: {msg.error}")
+            parts.append(self._style(error, fg="red", bold=True))
             body = _bytes_text(msg.fields.get(b"d", b""))
         else:
             if msg.foreign:
                 parts.append(self._style("(foreign entry)", fg="blue"))
                 plain += 16
             body = self._body(msg.data, self._width - plain)
-        self._out.write(" ".join(parts) + ("\n" if "\n" in body else " ") + body + "\n")
-        self._out.flush()
+        _write_line(self._out, " ".join(parts) + ("\n" if "\n" in body else " ") + body + "\n")
 
     def _body(self, data: Any, room: int) -> str:
         if isinstance(data, bytes):
             return _bytes_text(data)
-        value = jsonable(data)
-        text = dump(value)
+        try:
+            value = jsonable(data)
+        except TooDeep as exc:
+            return self._style(str(exc), fg="red", bold=True)
+        text = _visible(dump(value))
         if len(text) <= room or not isinstance(value, dict | list):
             return text
-        return "\n".join("    " + line for line in dump(value, indent=2).splitlines())
+        return "\n".join("    " + _visible(line) for line in dump(value, indent=2).splitlines())
+
+
+def _visible(text: str) -> str:
+    """``text`` for a terminal: control characters (DEL and C1 ones included, which JSON leaves
+    as they are) as escapes, so no message can move the cursor or retitle the window."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _bytes_text(data: bytes) -> str:
@@ -265,15 +317,19 @@ class Template:
         self._template = template
 
     def write(self, msg: Message[Any]) -> None:
-        data = msg.data
+        data, error = msg.data, msg.error
+        if error is None and not isinstance(data, str):
+            try:
+                data = dump(jsonable(data))
+            except TooDeep as exc:
+                error = str(exc)
         values = {
             "channel": msg.channel,
             "id": msg.id,
-            "time": iso(msg),
+            "time": iso(msg) or "",
             "ms": msg.id.split("-", 1)[0],
             "headers": dump(msg.headers),
-            "data": "" if msg.error else data if isinstance(data, str) else dump(jsonable(data)),
-            "error": msg.error or "",
+            "data": "" if error else data,
+            "error": error or "",
         }
-        self._out.write(self._template.format_map(values) + "\n")
-        self._out.flush()
+        _write_line(self._out, self._template.format_map(values) + "\n")

@@ -137,7 +137,7 @@ def tail(
 
     With --group G --consumer X it reads as that member of the existing group instead (from
     the group's position), and acks each message once printed; without -f it then exits after
-    2 s without a new message.
+    2 s without a new message. With -c N it fetches no more than the N it prints.
     """
     if sum(x is not None for x in (last, start)) + from_beginning > 1:
         raise click.UsageError("give only one of -n, --from-beginning and --from")
@@ -242,7 +242,10 @@ async def _group_tail(
                     f"(create it with `broker group create {ch.name} {group}`)"
                 )
         printed = 0
-        async with b.subscribe(channels, group=group, consumer=consumer) as messages:
+        # with a count, one message at a time: whatever it fetched beyond the count would be
+        # held by this consumer name instead of going to the group's workers
+        options: dict[str, Any] = {} if count is None else {"prefetch": 1}
+        async with b.subscribe(channels, group=group, consumer=consumer, **options) as messages:
             while count is None or printed < count:
                 try:
                     async with asyncio.timeout(None if follow else GROUP_IDLE):
@@ -250,5 +253,7 @@ async def _group_tail(
                 except (StopAsyncIteration, TimeoutError):
                     break
                 output.write(msg)
-                msg.ack()  # only once it was printed: a broken pipe leaves it pending
                 printed += 1
+                if printed == count:
+                    messages.stop()  # before the ack, whose room would let one more read out
+                msg.ack()  # only once it was printed: a broken pipe leaves it pending

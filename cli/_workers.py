@@ -26,6 +26,8 @@ _CONSUMER_ONLY = (
     "max_deliveries",
     "claim_idle",
     "start",
+    "max_memory",
+    "max_messages",
 )
 
 
@@ -43,10 +45,12 @@ Exit status:
   2        usage error
   3        stopped, but the grace period ran out: running handlers were cancelled
            (their messages stay pending and are delivered again)
+  4        (a slot) retired by --max-memory/--max-messages: replaced at once
   128+N    a second signal N forced a fast exit (130: Ctrl-C twice, 143: SIGTERM twice)
 
 \b
 Examples:
+  broker worker handlers:handle --channel orders --group billing   # ./handlers.py
   broker worker broker.workers.examples:orders --channel orders
   broker worker broker.workers.examples:process_order --channel orders --group billing -p 2 -c 8
   broker worker --check --name process-order      # for a container health check
@@ -98,6 +102,19 @@ Examples:
     default="new",
     show_default=True,
     help="Where a new group starts: new, all or an entry id.",
+)
+@click.option(
+    "--max-memory",
+    type=click.IntRange(1),
+    metavar="MB",
+    help="Retire a slot whose resident memory reached MB MiB: it stops taking messages, "
+    "finishes and acks what runs, exits, and a fresh one starts at once (consumers).",
+)
+@click.option(
+    "--max-messages",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Retire a slot after it handled N messages, the same way (consumers).",
 )
 @click.option(
     "--stop-token",
@@ -165,6 +182,8 @@ def worker(
     log_level: str,
     log_format: str,
     check: bool,
+    max_memory: int | None,
+    max_messages: int | None,
 ) -> None:
     """Run MODULE:HANDLER as a consumer or producer worker in P processes on this host.
 
@@ -174,10 +193,15 @@ def worker(
     to other consumers, running handlers get --grace seconds to finish (and are acked), then
     they are cancelled (left pending). A second signal forces a fast exit.
 
+    MODULE is imported with the current folder first on the import path, as uvicorn,
+    gunicorn, celery and arq do: `broker worker handlers:handle` runs ./handlers.py.
+
     Each process is a slot with a stable consumer name (<name>-<host>-<slot>): a slot that
-    crashes is restarted with backoff and replays its own pending messages. Every slot writes
-    a heartbeat (see `broker workers`); logs go to stderr, one line per lifecycle event or
-    failure.
+    crashes is restarted with backoff and replays its own pending messages; a handler's
+    MemoryError ends its slot that way too (the message stays pending, it is not a handler
+    failure). --max-memory/--max-messages retire a slot gracefully and start a fresh one at
+    once. Every slot writes a heartbeat (see `broker workers`); logs go to stderr, one line per
+    lifecycle event or failure.
     """
     config: Config = ctx.obj
     if check:
@@ -187,7 +211,9 @@ def worker(
         raise click.UsageError("missing MODULE:HANDLER (or --check)", ctx=ctx)
     from broker import ConfigurationError
     from broker.workers import Supervisor, WorkerSpec, inspect_target
+    from broker.workers._target import import_from_current_folder
 
+    import_from_current_folder()
     try:
         target = inspect_target(handler)
     except ConfigurationError as exc:
@@ -237,6 +263,8 @@ def worker(
             host=host,
             log_level=log_level,
             log_format=log_format,
+            max_memory=max_memory,
+            max_messages=max_messages,
         )
         config.connect()  # a bad URL or namespace: one line now, not one per child
     except ConfigurationError as exc:
@@ -271,10 +299,17 @@ def _check(config: Config, name: str | None, host: str | None) -> None:
 
 
 @click.command("workers")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per worker slot.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON array of worker slots ([] when none)."
+)
 @click.pass_obj
 def workers_cmd(config: Config, as_json: bool) -> None:
-    """List the live workers of the namespace on every host (from their heartbeats)."""
+    """List the workers of the namespace on every host, from their heartbeats.
+
+    A slot without a heartbeat for three intervals (its event loop blocked, its host cut
+    off, or dead) is listed as stale with the age of its last one, until it has been silent
+    for a minute (or ten intervals): then it is gone.
+    """
 
     async def fetch() -> list[WorkerStatus]:
         async with config.connect() as b:
@@ -282,24 +317,37 @@ def workers_cmd(config: Config, as_json: bool) -> None:
 
     rows = run(fetch())
     if as_json:
-        for s in rows:
-            click.echo(json.dumps(_record(s)))
+        click.echo(json.dumps([_record(s) for s in rows], indent=2))
         return
     if not rows:
-        click.echo("no live workers in this namespace", err=True)
+        click.echo("no workers in this namespace", err=True)
         return
-    head = ("WORKER", "KIND", "STATE", "PID", "CHANNELS", "IN FLIGHT", "DONE", "FAILED", "UP")
+    head = (
+        "WORKER",
+        "KIND",
+        "STATE",
+        "PID",
+        "CHANNELS",
+        "IN FLIGHT",
+        "DONE",
+        "FAILED",
+        "RSS",
+        "UP",
+        "LAST SEEN",
+    )
     body = [
         (
             s.id,
             s.kind,
-            s.state,
+            s.state if s.alive else "stale",  # no heartbeat for 3 intervals: blocked or dead
             str(s.pid),
             ",".join(s.channels) + (f" ({s.group})" if s.group else ""),
             str(s.in_flight),
             str(s.processed),
             str(s.failed),
+            "-" if s.rss is None else f"{s.rss / 2**20:.1f}M",
             duration(s.uptime),
+            f"{duration(s.age)} ago",
         )
         for s in rows
     ]

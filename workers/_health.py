@@ -1,7 +1,10 @@
-"""Worker heartbeats: one key per running worker slot, expiring after three intervals.
+"""Worker heartbeats: one key per running worker slot.
 
-- ``<namespace>:workers:<name>/<host>/<slot>``: msgpack of the slot's status, ``PX`` 3 intervals,
-  so a slot that dies (even ``kill -9``) disappears on its own.
+- ``<namespace>:workers:<name>/<host>/<slot>``: msgpack of the slot's status. A slot is *alive*
+  while its last heartbeat is younger than three intervals; after that it is *stale* (its event
+  loop is blocked, its host is cut off, or it died) and is listed as such, with the age of its
+  last heartbeat, until the key expires after :func:`gone_after` seconds (a minute, or ten
+  intervals if longer): then it is gone for good. A slot that stops cleanly removes its key.
 - ``<namespace>:workers:live``: a sorted set of those ids (score: last write, server ms), so
   listing needs no ``SCAN``; ids whose key expired are dropped from it by the next listing.
 
@@ -13,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import resource
+import sys
 from typing import Any
 
 import msgpack
@@ -23,8 +29,10 @@ __all__ = [
     "WorkerStatus",
     "check_health",
     "forget",
+    "gone_after",
     "list_workers",
     "remove_heartbeat",
+    "rss_bytes",
     "write_heartbeat",
 ]
 
@@ -61,6 +69,8 @@ class WorkerStatus:
     in_flight: int
     interval: float
     handler: str
+    #: resident memory of the slot's process in bytes (None: not reported)
+    rss: int | None = None
     #: seconds since the last heartbeat, by the server's clock
     age: float = 0.0
     #: seconds since the slot started, by the server's clock
@@ -68,12 +78,40 @@ class WorkerStatus:
 
     @property
     def alive(self) -> bool:
-        """Seen within three heartbeat intervals (the key's expiry)."""
+        """Seen within three heartbeat intervals; else stale (listed until it is gone)."""
         return self.age < 3 * self.interval
 
 
+#: seconds without a heartbeat after which a slot is gone for good (its key expires)
+GONE_AFTER = 60.0
+
+
+def gone_after(interval: float) -> float:
+    """Seconds without a heartbeat after which a slot is gone: a minute, or ten intervals."""
+    return max(GONE_AFTER, 10 * interval)
+
+
 def ttl_ms(interval: float) -> int:
-    return max(1, int(3 * interval * 1000))
+    return max(1, int(gone_after(interval) * 1000))
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: (pid, fd) of this process's open /proc/<pid>/statm: one pread per reading (under 1 µs,
+#: cheap enough to check after every message), reopened in a forked child
+_statm: tuple[int, int] | None = None
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux ``/proc``); elsewhere its peak."""
+    global _statm
+    pid = os.getpid()
+    try:
+        if _statm is None or _statm[0] != pid:
+            _statm = (pid, os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC))
+        return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 async def write_heartbeat(b: Broker, wid: str, info: dict[str, Any]) -> None:
@@ -102,7 +140,8 @@ async def remove_heartbeat(b: Broker, wid: str) -> None:
 
 
 async def list_workers(b: Broker) -> list[WorkerStatus]:
-    """Every worker slot with a heartbeat that has not expired, on every host, by id."""
+    """Every worker slot that is not gone, alive or stale (see :attr:`WorkerStatus.alive`), on
+    every host, by id."""
     index = index_key(b.namespace)
     ids = [i.decode() for i in await b.call(lambda: b.redis.zrange(index, 0, -1))]
     if not ids:
@@ -115,7 +154,6 @@ async def list_workers(b: Broker) -> list[WorkerStatus]:
         return list(await pipe.execute())
 
     now = b.server_time_ms() / 1000
-    names = {f.name for f in dataclasses.fields(WorkerStatus)} - {"age", "uptime"}
     out, gone = [], []
     for wid, raw in zip(ids, await b.call(fetch), strict=True):
         if raw is None:
@@ -126,7 +164,8 @@ async def list_workers(b: Broker) -> list[WorkerStatus]:
             status = WorkerStatus(
                 age=max(0.0, now - info["seen"]),
                 uptime=max(0.0, now - info["started"]),
-                **{n: info[n] for n in names},
+                **{n: info[n] for n in _REQUIRED},
+                **{n: info[n] for n in _OPTIONAL if n in info},
             )
         except Exception:  # written by another version: not ours to interpret
             continue
@@ -135,6 +174,11 @@ async def list_workers(b: Broker) -> list[WorkerStatus]:
         # expired keys; a slot that comes back re-adds itself with its next heartbeat
         await b.call(lambda: b.redis.zrem(index, *gone))
     return out
+
+
+_REQUIRED = [f.name for f in dataclasses.fields(WorkerStatus) if f.default is dataclasses.MISSING]
+#: fields a heartbeat of an older version may lack
+_OPTIONAL = ["rss"]
 
 
 async def check_health(b: Broker, host: str, name: str | None = None) -> tuple[bool, str]:

@@ -3,6 +3,11 @@
 Each runner's :meth:`run` returns when the work ends by itself (a producer finished) or after
 the stop token fired and what was running finished; once ``hurry`` is set it cancels what is
 still running (a consumer's handlers: their messages stay pending, never acked) and returns.
+
+A consumer also tells its slot (the :class:`Control`) when to end early: ``retire`` once it
+handled ``max_messages`` or its memory reached ``max_memory`` (a graceful stop; the supervisor
+starts a fresh slot at once), ``fail`` when a handler raised ``MemoryError`` (the slot stops
+and its message stays pending: it is not a failure of the message).
 """
 
 from __future__ import annotations
@@ -18,14 +23,25 @@ from broker import StopToken
 from broker._consume import default_prefetch
 from broker._resource import cancel_and_wait
 
+from ._health import rss_bytes
 from ._logging import event
 from ._spec import WorkerSpec
 from ._target import Target
 
-__all__ = ["Runner", "make_runner"]
+__all__ = ["Control", "Runner", "make_runner"]
 
 log = logging.getLogger("workers")
 Ready = Callable[[], Awaitable[None]]
+
+
+class Control(Protocol):
+    """What a runner may ask of its slot."""
+
+    def retire(self, reason: str) -> None:
+        """Stop gracefully and exit as retired (the supervisor starts a fresh slot at once)."""
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop, and end the slot with ``exc`` as its failure (a crash: restarted with backoff)."""
 
 
 class Runner(Protocol):
@@ -44,26 +60,30 @@ class Runner(Protocol):
     async def run(self, ready: Ready, stop: StopToken, hurry: asyncio.Event) -> None: ...
 
 
-def make_runner(b: broker.Broker, spec: WorkerSpec, slot: int, target: Target) -> Runner:
+def make_runner(
+    b: broker.Broker, spec: WorkerSpec, slot: int, target: Target, control: Control
+) -> Runner:
     if target.style == "consume":
-        return Consumer(b, spec, slot, target)
+        return Consumer(b, spec, slot, target, control)
     if target.style == "generate":
         return Generator(b, spec, target)
     return Producer(b, spec, target)
 
 
-async def until_hurried(coro: Coroutine[Any, Any, None], hurry: asyncio.Event) -> bool:
-    """Run ``coro`` to its end, or cancel it once ``hurry`` is set; True if it was cancelled.
+async def until_hurried(coro: Coroutine[Any, Any, None], *hurry: asyncio.Event) -> bool:
+    """Run ``coro`` to its end, or cancel it once any ``hurry`` event is set; True if it was
+    cancelled.
 
-    Both tasks are owned here: cancelled and awaited in the ``finally``, whatever happens.
+    Every task is owned here: cancelled and awaited in the ``finally``, whatever happens.
     """
     task = asyncio.ensure_future(coro)
-    waiter = asyncio.ensure_future(hurry.wait())
+    waiters = [asyncio.ensure_future(h.wait()) for h in hurry]
     try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hurried = not task.done()
-        await cancel_and_wait(waiter)
+        for waiter in waiters:
+            await cancel_and_wait(waiter)
         await cancel_and_wait(task)
     if not hurried:
         task.result()  # its error, as itself
@@ -73,10 +93,17 @@ async def until_hurried(coro: Coroutine[Any, Any, None], hurry: asyncio.Event) -
 class Consumer:
     """``async def handler(msg)`` on every message, at most ``concurrency`` at a time."""
 
-    def __init__(self, b: broker.Broker, spec: WorkerSpec, slot: int, target: Target) -> None:
+    def __init__(
+        self, b: broker.Broker, spec: WorkerSpec, slot: int, target: Target, control: Control
+    ) -> None:
         self.b, self.spec, self.slot, self.target = b, spec, slot, target
+        self.control = control
         self.processed = self.failed = self.cancelled = 0
         self._sub: broker.Subscription[Any] | None = None
+        #: handlers running, and those of them parked after a fatal error (MemoryError)
+        self._running = self._fatal = 0
+        #: set once only fatal handlers run: cancel them, their messages stay pending
+        self._abandon = asyncio.Event()
 
     def in_flight(self) -> int:
         return 0 if self._sub is None else self._sub.statistics().in_flight
@@ -107,9 +134,11 @@ class Consumer:
                     stop=stop,
                 ),
                 hurry,
+                self._abandon,
             )
 
     async def _handle(self, msg: broker.Message[Any]) -> None:
+        self._running += 1
         try:
             await self.target.fn(msg)
         except asyncio.CancelledError as exc:
@@ -118,10 +147,53 @@ class Consumer:
                 self.cancelled += 1  # the grace period ran out: left pending, delivered again
                 raise
             self._failed(msg, exc)  # the handler cancelled itself: a failure like any other
+        except MemoryError as exc:
+            await self._fatal_error(msg, exc)  # never returns: cancelled, left pending
         except BaseException as exc:  # SystemExit too: a handler never ends the worker
             self._failed(msg, exc)
         else:
             self.processed += 1
+        finally:
+            self._running -= 1
+            self._check_abandon()
+        self._check_limits()
+
+    async def _fatal_error(self, msg: broker.Message[Any], exc: MemoryError) -> None:
+        """The process is out of memory: stop the slot and leave this message unsettled (not
+        nacked: it is not the message's failure). It stays pending and the restarted slot
+        replays it; one that keeps causing this is dead-lettered by its delivery count."""
+        event(
+            log,
+            logging.ERROR,
+            "fatal",
+            channel=msg.channel,
+            id=msg.id,
+            delivery=msg.deliveries,
+            error=type(exc).__name__,
+            detail="the slot stops; the message stays pending and is delivered again",
+        )
+        self.control.fail(exc)
+        self._fatal += 1
+        self._check_abandon()
+        try:
+            await asyncio.Event().wait()  # until cancelled, with the consume loop
+        finally:
+            self._fatal -= 1
+
+    def _check_abandon(self) -> None:
+        if self._fatal and self._running == self._fatal:
+            self._abandon.set()
+
+    def _check_limits(self) -> None:
+        spec = self.spec
+        if spec.max_messages is not None:
+            handled = self.processed + self.failed
+            if handled >= spec.max_messages:
+                self.control.retire(f"handled {handled} messages (--max-messages)")
+        if spec.max_memory is not None:  # after every message: a pread, under 1 µs
+            rss = rss_bytes()
+            if rss >= spec.max_memory * 2**20:
+                self.control.retire(f"rss {rss / 2**20:.1f} MiB (--max-memory)")
 
     def _failed(self, msg: broker.Message[Any], exc: BaseException) -> None:
         self.failed += 1

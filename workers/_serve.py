@@ -7,7 +7,10 @@ taking work (buffered messages are released to other consumers at once), give ru
 
 Stops come from SIGTERM/SIGINT (with ``install_signals``; a second one cancels at once), the
 remote stop tokens ``workers`` (every worker of the namespace), ``workers/<name>`` (this worker
-on every host) and ``spec.stop_tokens``, or the ``stop`` argument.
+on every host) and ``spec.stop_tokens``, or the ``stop`` argument. A consumer slot also stops
+itself: it *retires* (the same graceful stop, then :attr:`ExitCode.RETIRED`) once it handled
+``spec.max_messages`` or its memory reached ``spec.max_memory``, and it *fails* when a handler
+raised ``MemoryError`` (the message stays pending; the supervisor restarts the slot).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import broker
 from broker import BrokerError, ConfigurationError, StopSource, StopToken
 from broker._resource import cancel_and_wait
 
-from ._health import forget, write_heartbeat
+from ._health import forget, rss_bytes, write_heartbeat
 from ._logging import event
 from ._run import Runner, make_runner
 from ._spec import WorkerSpec
@@ -53,6 +56,9 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     #: stopped, but the grace period ran out: running handlers were cancelled (left pending)
     GRACE_EXPIRED = 3
+    #: the slot retired (``max_memory`` or ``max_messages``): the supervisor starts a fresh one
+    #: at once, under the same consumer name
+    RETIRED = 4
     #: 128 + N: a second signal N forced a fast exit (130: Ctrl-C twice, 143: SIGTERM twice)
     FORCED = 128
 
@@ -70,11 +76,15 @@ class Outcome:
     grace_expired: bool
     #: the signal that forced a fast exit, if any
     forced: int | None = None
+    #: why the slot retired (``max_memory``, ``max_messages``), if it did
+    retired: str | None = None
 
     @property
     def exit_code(self) -> int:
         if self.forced is not None:
             return ExitCode.FORCED + self.forced
+        if self.retired is not None:  # cancelled handlers (if any) are replayed by the next
+            return ExitCode.RETIRED
         return ExitCode.GRACE_EXPIRED if self.grace_expired else ExitCode.OK
 
 
@@ -94,10 +104,42 @@ class _Slot:
         self.runner: Runner | None = None
         #: this slot is its process (it may end it with os._exit when a handler hangs)
         self.owns_process = False
+        #: why the slot is retiring, while it is (a signal or a remote stop turns that into a
+        #: plain stop: the supervisor must not start a fresh one)
+        self.retiring: str | None = None
+        #: the error that ends the slot (a handler's MemoryError)
+        self.fatal: BaseException | None = None
+        #: the stop's reason, when it differs from the token's (a stop during a retirement)
+        self.reason: str | None = None
+
+    def retire(self, reason: str) -> None:
+        if self.stop.stopped:
+            return
+        self.retiring = reason
+        event(log, logging.INFO, "retiring", reason=reason, rss_mib=_mib(rss_bytes()))
+        self.stop.stop(f"retiring: {reason}")
+
+    def fail(self, exc: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+        self.retiring = None
+        if not self.stop.stopped:
+            self.stop.stop(f"fatal {type(exc).__name__} in a handler")
+
+    def _instead_of_retiring(self, reason: str) -> bool:
+        """A real stop arriving while the slot retires: it ends as stopped, not retired."""
+        if self.retiring is None:
+            return False
+        self.retiring = None
+        self.reason = reason
+        event(log, logging.INFO, "stopping", reason=reason, was="retiring")
+        return True
 
     def on_signal(self, sig: signal.Signals) -> None:
         if not self.stop.stopped:
             self.stop.stop(f"signal {sig.name}")
+            return
+        if self._instead_of_retiring(f"signal {sig.name}"):
             return
         if self.forced is None:
             self.forced = sig.value
@@ -109,11 +151,13 @@ class _Slot:
             )
 
     def on_remote(self, token: StopToken) -> None:
+        name = getattr(token, "name", "?")
+        why = f": {token.reason}" if token.reason else ""
         if not self.stop.stopped:
             self.remote = True
-            name = getattr(token, "name", "?")
-            why = f": {token.reason}" if token.reason else ""
             self.stop.stop(f"stop token {name!r}{why}")
+        elif self._instead_of_retiring(f"stop token {name!r}{why}"):
+            self.remote = True
 
     def status(self) -> dict[str, Any]:
         spec, r = self.spec, self.runner
@@ -134,7 +178,12 @@ class _Slot:
             "in_flight": r.in_flight() if r else 0,
             "interval": spec.heartbeat,
             "handler": spec.target,
+            "rss": rss_bytes(),
         }
+
+
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
 
 
 class _Heartbeat:
@@ -156,8 +205,14 @@ class _Heartbeat:
             event(log, logging.INFO, "heartbeat_restored")
 
     async def run(self) -> None:
+        max_memory = self.slot.spec.max_memory
         while True:
             await self.write()
+            if max_memory is not None and self.slot.state == "running":
+                # also between messages: a handler may grow the process while it runs
+                rss = rss_bytes()
+                if rss >= max_memory * 2**20:
+                    self.slot.retire(f"rss {rss / 2**20:.1f} MiB (--max-memory)")
             self.wake.clear()
             try:
                 async with asyncio.timeout(self.slot.spec.heartbeat):
@@ -181,7 +236,8 @@ async def serve(
     cancelled at once and the process exits within :data:`FORCE_DEADLINE` seconds.
 
     :raises ConfigurationError: if the handler cannot be loaded or does not match ``spec.kind``.
-    :raises BrokerError: (or the handler's error, for a producer) if the worker failed.
+    :raises BrokerError: (or the handler's error, for a producer; a consumer handler's
+        ``MemoryError``) if the worker failed.
     """
     s = _Slot(spec, slot)
     s.owns_process = install_signals
@@ -237,7 +293,7 @@ async def _serve(
         for name in ("workers", f"workers/{spec.name}", *spec.stop_tokens):
             token = await stack.enter_async_context(b.stop_token(name))
             token.on_stop(s.on_remote)
-        runner = s.runner = make_runner(b, spec, slot, target)
+        runner = s.runner = make_runner(b, spec, slot, target, s)
         heart = _Heartbeat(b, s)
 
         async def on_ready() -> None:
@@ -261,7 +317,9 @@ async def _serve(
             except Exception as exc:  # reported (and raised) below, after the cleanup
                 failure.append(exc)
                 return
-            if spec.kind == "consume" and not s.stop.stopped:
+            if isinstance(s.fatal, Exception):
+                failure.append(s.fatal)
+            elif spec.kind == "consume" and not s.stop.stopped:
                 # a consumer only ends when stopped: ending otherwise is a failure (the
                 # supervisor restarts the slot), never a quiet "done"
                 failure.append(BrokerError("the subscription ended without a stop"))
@@ -302,7 +360,13 @@ async def _serve(
                     if not job.done() and s.owns_process:
                         # a handler ignores cancellation: nothing more can be sent or released;
                         # its message stays pending (delivered again), so end the process now
-                        code = ExitCode.GRACE_EXPIRED if s.forced is None else s.forced + 128
+                        code = (
+                            s.forced + ExitCode.FORCED
+                            if s.forced is not None
+                            else ExitCode.RETIRED
+                            if s.retiring is not None
+                            else ExitCode.GRACE_EXPIRED
+                        )
                         event(
                             log,
                             logging.ERROR,
@@ -315,7 +379,7 @@ async def _serve(
             finally:
                 for task in (job, stopped, forced, beat):
                     await cancel_and_wait(task)
-    reason = s.stop.token.reason if s.stop.stopped else finished
+    reason = (s.reason or s.stop.token.reason) if s.stop.stopped else finished
     outcome = Outcome(
         reason=reason or "stopped",
         remote=s.remote,
@@ -324,6 +388,7 @@ async def _serve(
         cancelled=runner.cancelled,
         grace_expired=grace_expired,
         forced=s.forced,
+        retired=s.retiring,
     )
     if failure:
         raise failure[0]

@@ -8,7 +8,7 @@ import re
 from typing import Any, Literal
 
 from broker import ConfigurationError
-from broker._names import check_channel, check_group
+from broker._names import check_channel, check_group, check_stop_name
 from broker._names import host_label as this_host
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "SPEC_ENV", "WorkerSpec", "this_host"]
@@ -54,6 +54,11 @@ class WorkerSpec:
     host: str | None = None
     log_level: str = "info"
     log_format: str = "text"
+    #: a consumer slot retires (finishes what it runs, exits, and the supervisor starts a
+    #: fresh one at once) once its resident memory reaches this many MiB ...
+    max_memory: int | None = None
+    #: ... or once it handled this many messages (like gunicorn's max_requests)
+    max_messages: int | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -67,7 +72,7 @@ class WorkerSpec:
         for ch in self.channels:
             check_channel(ch)
         for token in self.stop_tokens:
-            check_channel(token)
+            check_stop_name(token)
         if self.kind == "consume":
             if self.group is None:
                 raise ConfigurationError("a consumer needs a --group")
@@ -79,11 +84,18 @@ class WorkerSpec:
                 raise ConfigurationError(
                     f"a producer publishes into one --channel, got {len(self.channels)}"
                 )
+            if self.max_memory is not None or self.max_messages is not None:
+                raise ConfigurationError(
+                    "--max-memory and --max-messages are for consumers (a producer is not "
+                    "restarted where it left off)"
+                )
         for label, value in (
             ("concurrency", self.concurrency),
             ("group_concurrency", self.group_concurrency),
             ("max_deliveries", self.max_deliveries),
             ("processes", self.processes),
+            ("max_memory", self.max_memory),
+            ("max_messages", self.max_messages),
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigurationError(f"{label} must be an int >= 1, got {value!r}")

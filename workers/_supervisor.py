@@ -8,6 +8,8 @@ means to the supervisor:
 
 - 0 (stopped) or 3 (stopped, grace period ran out): the slot is done, not restarted (a remote
   stop token, or a producer that finished); the supervisor ends when every slot is done;
+- 4 (retired: ``max_memory`` or ``max_messages``): a fresh slot is started at once, with the
+  same consumer name (no backoff; the restart count is not touched);
 - 2 (usage error): restarting cannot help; every slot is stopped and the supervisor exits 2;
 - anything else (1, killed by a signal): a crash; restarted after a backoff that doubles from
   ``backoff`` up to ``max_backoff``, and starts over once a slot ran for ``stable`` seconds.
@@ -86,6 +88,8 @@ class Supervisor:
         self.finished: dict[int, int] = {}
         #: status of each slot's last crash (while it waits for its restart)
         self.crashed: dict[int, int] = {}
+        #: how often each slot retired (and was replaced at once)
+        self.retired: dict[int, int] = {}
         self._next_start: dict[int, float] = dict.fromkeys(range(self.processes), 0.0)
         self._started: dict[int, float] = {}
         self._stop: int | None = None
@@ -170,6 +174,11 @@ class Supervisor:
             if code is None:
                 continue
             del self.children[slot]
+            if code == ExitCode.RETIRED:
+                _exited(slot, proc, code, level=logging.INFO, restart_in=0)
+                self.retired[slot] = self.retired.get(slot, 0) + 1
+                self._spawn(slot)
+                continue
             if code in _DONE or code == ExitCode.USAGE:
                 self.finished[slot] = code
                 event(
@@ -224,6 +233,8 @@ class Supervisor:
             code = proc.wait()
             if code == -signal.SIGTERM and proc in running:
                 code = ExitCode.OK  # our SIGTERM came before it had set up: nothing was running
+            elif code == ExitCode.RETIRED:
+                code = ExitCode.OK  # it retired as the stop came: not replaced, nothing lost
             self.finished[slot] = code
             _exited(slot, proc, code)
         self.children.clear()
@@ -255,11 +266,17 @@ class Supervisor:
         return code
 
 
-def _exited(slot: int, proc: subprocess.Popen[bytes], code: int, **restart: Any) -> None:
+def _exited(
+    slot: int,
+    proc: subprocess.Popen[bytes],
+    code: int,
+    level: int | None = None,
+    **restart: Any,
+) -> None:
     """Log a child's exit; ``restart_in`` (seconds) when it is restarted."""
     event(
         log,
-        logging.WARNING if restart else logging.INFO,
+        level if level is not None else logging.WARNING if restart else logging.INFO,
         "child_exited",
         slot=slot,
         child_pid=proc.pid,

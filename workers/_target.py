@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
 from broker import ConfigurationError
 
-__all__ = ["SHAPES", "Target", "inspect_target", "load_target"]
+__all__ = ["SHAPES", "Target", "import_from_current_folder", "inspect_target", "load_target"]
 
 #: the accepted shapes, for error messages
 SHAPES = (
@@ -45,6 +47,18 @@ class Target:
     @property
     def kind(self) -> Literal["consume", "produce"]:
         return "consume" if self.style == "consume" else "produce"
+
+
+def import_from_current_folder() -> None:
+    """Put the current folder first on the import path, as uvicorn, gunicorn, celery and arq do,
+    so ``broker worker handlers:handle`` imports ``handlers.py`` from where it runs.
+
+    For the ``broker`` command and its slot processes, not for a library call: the console
+    script's own folder is what Python puts first, and ``PYTHONSAFEPATH`` puts nothing.
+    """
+    here = os.getcwd()
+    if sys.path[:1] not in ([here], [""]):
+        sys.path.insert(0, here)
 
 
 def load_target(target: str) -> Callable[..., Any]:

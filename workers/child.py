@@ -20,11 +20,13 @@ from broker import ConfigurationError
 from ._logging import configure
 from ._serve import ExitCode, Outcome, serve
 from ._spec import SPEC_ENV, WorkerSpec
+from ._target import import_from_current_folder
 
 
 def main() -> int:
     spec = WorkerSpec.from_json(os.environ.pop(SPEC_ENV))  # not inherited by the handler's children
     slot = int(sys.argv[2])
+    import_from_current_folder()
     configure(spec.log_level, spec.log_format, worker=spec.worker_id(slot), pid=os.getpid())
     try:
         outcome = _run(serve(spec, slot, install_signals=True))

@@ -25,6 +25,7 @@ from broker import EmbeddedServer
 from broker._server import die_with_parent
 
 from ._health import WorkerStatus, list_workers
+from .examples import say
 
 ORDERS = 30
 #: seconds the whole demo may take before it gives up
@@ -39,9 +40,9 @@ def server_url(url: str | None) -> Iterator[str]:
         yield url
         return
     with EmbeddedServer() as server:
-        print(f"started a private redis-server ({server.binary}) on {server.url}", flush=True)
+        say(f"started a private redis-server ({server.binary}) on {server.url}")
         yield server.url
-    print("stopped the private redis-server", flush=True)
+    say("stopped the private redis-server")
 
 
 class _Demo:
@@ -56,7 +57,7 @@ class _Demo:
     ) -> AsyncIterator[asyncio.subprocess.Process]:
         """``broker ARGS`` as a child process (killed if the demo ends first)."""
         shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
-        print(f"$ {shown + ' ' if shown else ''}broker {' '.join(args)}", flush=True)
+        say(f"$ {shown + ' ' if shown else ''}broker {' '.join(args)}")
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -82,7 +83,7 @@ class _Demo:
         assert proc.stdout is not None
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
-            print(f"  {line}", flush=True)
+            say(f"  {line}")
             if keep and line.startswith("processed order "):
                 self.processed.append(line.split()[2])
 
@@ -124,14 +125,14 @@ class _Demo:
             async with self.broker("workers") as table:
                 await self.echo(table, keep=False)
                 await table.wait()
-            print(f"$ kill -TERM {consumer.pid}", flush=True)
+            say(f"$ kill -TERM {consumer.pid}")
             consumer.send_signal(signal.SIGTERM)
             stopped = await asyncio.wait_for(consumer.wait(), 30)
             info = await orders.info()
         split = {f"slot {w.slot}": w.processed for w in sorted(workers, key=lambda w: w.slot)}
         pending = sum(g.pending for g in info.groups)
         delivered = len(set(self.processed))
-        print(
+        say(
             f"\n{delivered}/{ORDERS} orders delivered, split {split}; pending after acks: "
             f"{pending}; exit status: producer {produced}, consumer {stopped}"
         )
@@ -148,7 +149,7 @@ async def _until(check: Callable[[], Awaitable[bool]], watch: asyncio.subprocess
 
 
 async def _running(b: broker.Broker, n: int) -> bool:
-    return sum(w.state == "running" for w in await list_workers(b)) == n
+    return sum(w.state == "running" and w.alive for w in await list_workers(b)) == n
 
 
 async def _drained(b: broker.Broker, orders: broker.Channel[object]) -> bool:

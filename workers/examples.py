@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import os
 import random
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,14 @@ import broker
 __all__ = ["orders", "print_message", "process_order", "tick"]
 
 ITEMS = ("coffee", "tea", "cake", "bagel", "juice")
+
+
+def say(line: str) -> None:
+    """Write ``line`` and its newline in one call: slots share one pipe, and under
+    ``PYTHONUNBUFFERED=1`` ``print(..., flush=True)`` writes the text and the newline separately,
+    so another slot's line can land in between (two lines merged, one lost to a reader)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _env(name: str, default: float) -> float:
@@ -75,16 +84,15 @@ async def process_order(msg: broker.Message[Any]) -> None:
     order = msg.data if isinstance(msg.data, dict) else {}
     if fail_rate and random.random() < fail_rate:
         raise RuntimeError(f"simulated failure of order {order.get('order_id')}")
-    print(
+    say(
         f"processed order {order.get('order_id', '?')} ({order.get('item', '?')} "
-        f"x{order.get('quantity', '?')}) {msg.channel} {msg.id} delivery {msg.deliveries}",
-        flush=True,
+        f"x{order.get('quantity', '?')}) {msg.channel} {msg.id} delivery {msg.deliveries}"
     )
 
 
 async def print_message(msg: broker.Message[Any]) -> None:
     """A consumer: print each message."""
-    print(f"{msg.channel} {msg.id} (delivery {msg.deliveries}): {msg.data!r}", flush=True)
+    say(f"{msg.channel} {msg.id} (delivery {msg.deliveries}): {msg.data!r}")
 
 
 async def tick(channel: broker.Channel[Any], stop: broker.StopToken) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 import broker
 
 from .conftest import json_lines
@@ -182,3 +184,12 @@ async def test_stop_fires_and_resets(client, name, invoke):
     assert usage.exit_code == 2
     bad_ttl = await invoke("stop", name, "--ttl", "0")
     assert bad_ttl.exit_code == 2
+
+
+@pytest.mark.parametrize("bad", ["bad name", "{x}", "a\n"])
+async def test_stop_with_a_bad_name_says_stop_token_name(invoke, bad):
+    """Not "invalid channel name": the argument is a stop token's name."""
+    result = await invoke("stop", bad, url="redis://127.0.0.1:1/0")  # no server needed
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: invalid stop token name "), line

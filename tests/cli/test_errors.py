@@ -50,18 +50,22 @@ async def test_wrong_password_never_shows_the_password(name, invoke, sh):
 
 
 async def test_wrong_type_of_key(client, name, invoke, raw):
-    await raw.set(client.channel(name).key, "x")
-    for args in (
-        ("tail", name),
-        ("tail", name, "-f"),
-        ("info", name),
-        ("publish", name, "1"),
-        ("pending", name, "-g", "g"),
-        ("dead", "list", name),
+    key = client.channel(name).key
+    await raw.set(key, "x")
+    for args, stdin in (
+        (("tail", name), None),
+        (("tail", name, "-f"), None),
+        (("info", name), None),
+        (("publish", name, "1"), None),
+        (("publish", name), '{"a": 1}\n'),  # pipelined from stdin
+        (("pending", name, "-g", "g"), None),
+        (("dead", "list", name), None),
     ):
-        result = await invoke(*args)
+        result = await invoke(*args, input=stdin)
         assert result.exit_code == 1, (args, result.output)
-        assert "is not a Redis stream" in one_line(result.stderr), args
+        err = one_line(result.stderr)
+        # the key, so the user can look at it (`redis-cli TYPE ...`) or delete it
+        assert f"the key {key!r} of channel {name!r} is not a Redis stream" in err, (args, err)
 
 
 @pytest.mark.parametrize("value", ["abc", "12-x", "-5x", "2024-13-45", "99999999999999999999999"])

@@ -7,6 +7,7 @@ import json
 import sys
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import redis.asyncio as aioredis
 
 import broker
@@ -233,6 +234,24 @@ async def test_group_member_opt_in_acks_what_it_prints(client, name, invoke, raw
     assert group["pending"] == 0 and group["last-delivered-id"].decode() == ids[-1]
 
 
+@pytest.mark.parametrize("count", [1, 2, 5])
+async def test_group_member_with_a_count_fetches_no_more_than_it_prints(
+    client, name, invoke, raw, count
+):
+    """Fetched but unprinted messages would be held by the tail's consumer name (pending,
+    released at best) instead of going to the group's workers."""
+    ch = client.channel(name)
+    await ch.create_group("g", "all")
+    ids = await ch.publish_many({"n": i} for i in range(40))
+    result = await invoke("tail", name, "--group", "g", "--consumer", "cli", "-c", str(count))
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in json_lines(result.stdout)] == ids[:count]
+    (group,) = await raw.xinfo_groups(ch.key)
+    fetched = group["entries-read"]
+    assert (fetched, group["pending"]) == (count, 0), f"fetched {fetched} to print {count}"
+    assert group["last-delivered-id"].decode() == ids[count - 1]
+
+
 async def test_group_mode_needs_an_existing_group(client, name, invoke, raw):
     ch = client.channel(name)
     await ch.publish(1)
@@ -308,3 +327,27 @@ async def test_a_terminal_gets_the_readable_colored_view(client, name, redis_url
     text = out.decode()
     assert "\x1b[" in text and name in text and "k=v" in text and '"hello": "world"' in text
     assert not text.lstrip().startswith("{")
+
+
+async def test_an_entry_id_past_the_year_9999_is_shown_without_a_time(client, name, invoke, raw):
+    """Redis takes ids up to 2**64-1 ms (`XADD k 99999999999999-0 ...`); tail, info and
+    channels ended with "unexpected ValueError: year ... is out of range". Found by fuzzing."""
+    ch = client.channel(name)
+    first = await ch.publish({"n": 1})
+    await raw.xadd(ch.key, {"d": b"\x01"}, id="18446744073709551615-0")
+    result = await invoke("tail", name)
+    assert result.exit_code == 0, result.output
+    records = json_lines(result.stdout)
+    assert [(r["id"], r["timestamp"] is None) for r in records] == [
+        (first, False),
+        ("18446744073709551615-0", True),
+    ]
+    pretty = await invoke("tail", name, "--pretty", "--no-color")
+    assert pretty.exit_code == 0 and "(time out of range)" in pretty.stdout, pretty.output
+    template = await invoke("tail", name, "--format", "{id} [{time}]")
+    assert template.stdout.splitlines()[-1] == "18446744073709551615-0 []"
+    for args in (("info", name), ("info", name, "--json"), ("channels",), ("channels", "--json")):
+        shown = await invoke(*args)
+        assert shown.exit_code == 0, (args, shown.output)
+    info = json.loads((await invoke("info", name, "--json")).stdout)
+    assert (info[0]["last_id"], info[0]["last_time"]) == ("18446744073709551615-0", None)

@@ -97,7 +97,7 @@ async def test_consumer_runs_lists_checks_logs_json_and_stops_on_sigterm(
         other = await sh("worker", "--check", "--name", "nobody")
     finally:
         done = await stop(proc)
-    rows = [json.loads(line) for line in listed.out.splitlines()]
+    rows = json.loads(listed.out)  # one JSON array, like `broker channels --json`
     assert sorted(r["slot"] for r in rows) == [0, 1]
     for r in rows:
         assert r["name"] == "printer" and r["alive"] and r["state"] == "running"
@@ -125,7 +125,8 @@ async def test_consumer_runs_lists_checks_logs_json_and_stops_on_sigterm(
     ]:
         assert expected in kinds, (expected, kinds)
     assert [e["processed"] for e in log if e["event"] == "stopped" and "role" not in e]
-    assert (await sh("workers", "--json")).out.strip() == ""
+    none = await sh("workers", "--json")
+    assert (none.code, json.loads(none.out)) == (0, []), "an empty array, not nothing"
     gone = await sh("worker", "--check", "--name", "printer")
     assert gone.code == 1 and "unhealthy" in gone.err
 
@@ -196,6 +197,10 @@ async def test_example_producer_and_consumer_pass_every_order(
             "importing it raised RuntimeError: this module fails at import",
         ),
         ([f"{H}:record", "--channel", "a b", "-g", "g"], "invalid channel name"),
+        (
+            [f"{H}:record", "--channel", "a", "-g", "g", "--stop-token", "a b"],
+            "invalid stop token name 'a b'",
+        ),
         ([f"{H}:record", "--channel", "a", "-g", "g", "--log-format", "xml"], "'xml' is not"),
     ],
 )
@@ -295,3 +300,12 @@ async def test_stop_token_option_stops_the_worker(
     assert_clean(done.err)
     assert (await client.channel(name).info()).length > 0
     assert await list_workers(client) == [], "no heartbeat left behind"
+
+
+async def test_workers_json_with_no_workers_prints_an_empty_array(invoke) -> None:
+    result = await invoke("workers", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == []
+    table = await invoke("workers")
+    assert table.exit_code == 0 and table.stdout == ""
+    assert "no workers" in table.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -130,3 +131,27 @@ class Callable:
 
 
 callable_object = Callable()
+
+
+# -- handlers for retirement, fatal errors and blocked loops ----------------------------------
+
+_hoard: list[bytes] = []
+
+
+async def leak(msg: broker.Message[Any]) -> None:
+    """Keeps ``$LEAK_MB`` MiB (written, so resident) per message; records like record_redis."""
+    _hoard.append(b"x" * (int(os.environ.get("LEAK_MB", "8")) << 20))
+    await _client().rpush(os.environ["TEST_DONE_KEY"], f"{os.getpid()} {msg.id} {msg.deliveries}")
+
+
+async def out_of_memory_on_boom(msg: broker.Message[Any]) -> None:
+    """Raises MemoryError on the payload "boom"; records the others in Redis."""
+    if msg.data == "boom":
+        raise MemoryError("simulated: the process is out of memory")
+    await _client().rpush(os.environ["TEST_DONE_KEY"], f"{os.getpid()} {msg.id} {msg.deliveries}")
+
+
+async def block_loop(msg: broker.Message[Any]) -> None:
+    """Blocks the whole event loop for ``$BLOCK_SECONDS`` (a sync call in an async handler)."""
+    time.sleep(float(os.environ.get("BLOCK_SECONDS", "5")))  # noqa: ASYNC251 - on purpose
+    recorded.append(msg.id)

@@ -551,3 +551,65 @@ async def test_a_sigterm_while_slots_are_still_starting_is_a_clean_stop(
     assert code == ExitCode.OK, err
     [stopped] = _events(err, "stopped")
     assert stopped["slots"] == {"0": 0, "1": 0}
+
+
+# -- MemoryError is fatal for the slot, not a failure of the message -------------------------
+
+
+async def test_a_memory_error_ends_the_slot_and_leaves_the_message_pending(
+    client: broker.Broker, name: str, namespace: str, redis_url: str, raw: aioredis.Redis
+) -> None:
+    """With max_deliveries=1 a nack would dead-letter it at once: it must not be nacked."""
+    ch = client.channel(name)
+    ok1, boom, ok2 = await ch.publish_many(["ok1", "boom", "ok2"])
+    os.environ["TEST_REDIS_URL"], os.environ["TEST_DONE_KEY"] = redis_url, f"{namespace}:done"
+    try:
+        spec = spec_for(redis_url, namespace, name, "out_of_memory_on_boom", max_deliveries=1)
+        with pytest.raises(MemoryError):
+            await asyncio.wait_for(serve(spec, 0), 15)
+    finally:
+        del os.environ["TEST_REDIS_URL"], os.environ["TEST_DONE_KEY"]
+    assert await ch.dead_letters() == [], "a MemoryError is not the message's failure"
+    pending = await raw.xpending_range(ch.key, "g", "-", "+", 10)
+    assert [(p["message_id"].decode(), p["times_delivered"]) for p in pending][:1] == [(boom, 1)]
+    done = [x.decode().split()[1] for x in await raw.lrange(f"{namespace}:done", 0, -1)]
+    assert done == [ok1], "handled before; ok2 was not started (released or never read)"
+    assert ok2 not in done
+    assert await list_workers(client) == []
+
+
+async def test_a_message_that_keeps_raising_memory_error_is_dead_lettered_by_its_count(
+    client: broker.Broker, name: str, namespace: str, redis_url: str, raw: aioredis.Redis
+) -> None:
+    ch = client.channel(name)
+    sent = await ch.publish_many(["a", "b", "boom", "c", "d"])
+    boom = sent[2]
+    spec = spec_for(
+        redis_url, namespace, name, "out_of_memory_on_boom", max_deliveries=2, log_format="json"
+    )
+    done_key = f"{namespace}:done"
+    env = {"TEST_REDIS_URL": redis_url, "TEST_DONE_KEY": done_key}
+    sup = _supervise(spec, "1", "0.2", env=env)
+    try:
+        await until(lambda: _count(ch.dead_letters(), 1), "the message dead-lettered", bound=40)
+
+        async def rest_handled() -> bool:
+            got = {x.decode().split()[1] for x in await raw.lrange(done_key, 0, -1)}
+            return got >= set(sent) - {boom}
+
+        await until(rest_handled, "the other messages handled")
+        code, err = await _end(sup)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    assert code == ExitCode.OK, err
+    [letter] = await ch.dead_letters()
+    assert letter.original_id == boom and "delivered 3 times without an ack" in letter.error
+    assert len(_events(err, "fatal")) == 2, "one per delivery that raised it"
+    assert _events(err, "handler_failed") == [], "never a message failure"
+    crashed = [e for e in _events(err, "child_exited") if e["restart"]]
+    assert [(e["code"], e["restart_in"]) for e in crashed] == [(1, 0.2), (1, 0.4)], crashed
+    handled = [x.decode().split()[1] for x in await raw.lrange(done_key, 0, -1)]
+    compare_ids(set(sent) - {boom}, handled)
+    assert (await raw.xpending(ch.key, "g"))["pending"] == 0
