@@ -15,7 +15,8 @@ from typing import Any, Protocol, cast
 
 import broker
 from broker import StopToken
-from broker._consume import default_prefetch
+from broker._consume import default_prefetch, run_consumer
+from broker._observe import instrument_handler
 from broker._resource import cancel_and_wait
 
 from ._logging import event
@@ -77,6 +78,7 @@ class Consumer:
         self.b, self.spec, self.slot, self.target = b, spec, slot, target
         self.processed = self.failed = self.cancelled = 0
         self._sub: broker.Subscription[Any] | None = None
+        self._fn = target.fn
 
     def in_flight(self) -> int:
         return 0 if self._sub is None else self._sub.statistics().in_flight
@@ -96,22 +98,27 @@ class Consumer:
             claim_idle=spec.claim_idle,
         ) as sub:
             self._sub = sub
+            # metrics and traces around the handler itself, which sees its errors (_handle
+            # settles them); so consume() below does not instrument _handle again
+            self._fn = instrument_handler(self.target.fn, sub)
             await ready()
             # on stop, consume() stops taking messages, releases the fetched ones at once and
             # returns when running handlers are done; leaving the `async with` sends their acks
             await until_hurried(
-                sub.consume(
+                run_consumer(
+                    sub,
                     self._handle,
                     concurrency=spec.concurrency,
                     group_concurrency=spec.group_concurrency,
                     stop=stop,
+                    instrument=False,
                 ),
                 hurry,
             )
 
     async def _handle(self, msg: broker.Message[Any]) -> None:
         try:
-            await self.target.fn(msg)
+            await self._fn(msg)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
