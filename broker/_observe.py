@@ -69,13 +69,18 @@ def set_sink(sink: Sink | None) -> None:
     _sink = sink
 
 
-def tracing() -> ModuleType | None:
-    """``broker.tracing`` when the application uses OpenTelemetry, else None (nothing imported)."""
-    if _OTEL not in sys.modules:
-        return None
-    from . import tracing as module
+_tracing: ModuleType | None = None
 
-    return module
+
+def tracing() -> ModuleType | None:
+    """``broker.tracing`` once OpenTelemetry is imported in the process, else None (and nothing
+    is imported)."""
+    global _tracing
+    if _tracing is None and _OTEL in sys.modules:
+        from . import tracing as module
+
+        _tracing = module
+    return _tracing
 
 
 def observing() -> bool:

@@ -106,3 +106,10 @@ async def test_a_failing_handler_test_fails_with_the_reason(
     code, out = await pytest_in(tmp_path, "-q", env={"BROKER_TEST_URL": redis_url})
     assert code == 1, out
     assert "TimeoutError: 1 of 1 messages not settled after 0.3s" in out, out
+
+
+def test_the_plugin_is_declared_as_a_pytest11_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="pytest11") if e.name == "broker"]
+    assert ep.value == "broker.pytest_plugin"

@@ -223,3 +223,20 @@ async def test_top_in_a_terminal_while_workers_run(redis_url: str, namespace: st
                 await proc.wait()
     assert consumer.returncode == 0 and producer.returncode == 0
     assert os.environ.get("TMUX_TEST_LEAK") is None
+
+
+def test_top_without_rich_is_a_one_line_usage_error(redis_url: str) -> None:
+    code = (
+        "import sys; sys.modules['rich'] = None\n"
+        "from broker.cli.main import main; sys.argv = ['broker', 'top', '-n', '1']; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**ENV, "BROKER_URL": redis_url},
+        cwd=ROOT,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr == "error: broker top needs rich: pip install 'broker[top]'\n", done.stderr
