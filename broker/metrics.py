@@ -14,6 +14,10 @@ paths beyond a count per publish call and a timing per ``consume`` handler call.
 entries and the age of the oldest pending entry are read from the server at most once per
 ``sample_interval`` seconds, for at most ``max_sampled`` channel/group pairs.
 
+The samples are taken on the event loop that owns the subscriptions, when the scrape comes
+from another thread (:func:`serve`, ``prometheus_client.start_http_server``); a collection
+made on that loop itself reads the statistics but keeps the last sample.
+
 Labels: ``namespace``, ``channel``, ``group`` (and ``consumer`` with ``consumer_label=True``);
 never message ids. A subscription over several channels reports its counters under
 ``channel="a,b"`` (its statistics are not kept per channel); the handler metrics and the
@@ -328,7 +332,16 @@ class BrokerCollector(Collector):
             published = dict(self._published)
             handled = self._handled.export()
             failures = dict(self._failures)
-            channels, groups = dict(self._channels), dict(self._groups)
+            # sampled values only while a live subscription reads the group: a finished
+            # consumer's last lag must not stay on the dashboard for ever
+            watched = {
+                (t.obj.broker.namespace, c.name, t.obj.group)
+                for t in subs
+                if self._subs.get(id(t.obj)) is t
+                for c in t.obj.channels
+            }
+            groups = {k: v for k, v in self._groups.items() if k in watched}
+            channels = {k: v for k, v in self._channels.items() if _any(k, watched)}
             errors = self._sample_errors
         out: list[Metric] = []
         sent = CounterMetricFamily(
@@ -431,6 +444,10 @@ class BrokerCollector(Collector):
             )
         )
         return out
+
+
+def _any(channel: tuple[str, str], watched: set[tuple[str, str, str]]) -> bool:
+    return any(w[:2] == channel for w in watched)
 
 
 def _loop() -> asyncio.AbstractEventLoop | None:

@@ -101,6 +101,8 @@ async def test_scrape_matches_what_was_published_and_handled(
     # closed: its counters stay in the totals, its gauges are gone
     assert value(after, "broker_delivered_messages_total", **audit) == 3
     assert ("broker_subscriptions", tuple(sorted(audit.items()))) not in after
+    # and its group's sampled values are no longer reported once nobody reads it here
+    assert ("broker_group_pending_messages", tuple(sorted(audit.items()))) not in after
     assert value(after, "broker_sample_errors_total") == 0
 
 
