@@ -158,7 +158,7 @@ def instrument_handler(
         tr = None
     if sink is None and tr is None:
         return handler
-    namespace, group = sub.broker.namespace, sub.group
+    namespace, group = sub.broker.settings.namespace, sub.group
 
     async def observed(msg: Message[T]) -> Any:
         started = time.perf_counter()
@@ -167,7 +167,7 @@ def instrument_handler(
             if tr is None:
                 result = await handler(msg)
             else:
-                with tr.processing(msg, group):
+                with tr.processing(msg, group, namespace):
                     result = await handler(msg)
             failed = False
             return result

@@ -171,7 +171,7 @@ class BrokerCollector(Collector):
 
     def subscription(self, sub: Subscription[Any]) -> None:
         channel = ",".join(sorted(c.name for c in sub.channels))
-        labels: _Labels = (sub.broker.namespace, channel, sub.group)
+        labels: _Labels = (sub.broker.settings.namespace, channel, sub.group)
         if self.consumer_label:
             labels += (sub.consumer,)
         with self._lock:
@@ -243,7 +243,7 @@ class BrokerCollector(Collector):
 
     async def _read_on_loop(self, objs: list[_Tracked]) -> None:
         _read_now(objs)
-        due: dict[int, Broker] = {}
+        due: dict[int, Any] = {}
         now = time.monotonic()
         for t in objs:
             b = t.obj.broker if t.sub else t.obj
@@ -265,7 +265,7 @@ class BrokerCollector(Collector):
             except Exception:  # the server is away or slow: the last sample stays
                 self._sample_errors += 1
 
-    async def _sample(self, b: Broker, pairs: list[tuple[Any, str]]) -> None:
+    async def _sample(self, b: Any, pairs: list[tuple[Any, str]]) -> None:
         """One pipeline: length and dead letters per channel, lag and pending per group."""
         if not pairs:
             return
@@ -278,13 +278,16 @@ class BrokerCollector(Collector):
         for c, group in pairs:
             pipe.xpending(c.key, group)
         replies = await pipe.execute(raise_on_error=False)
-        now_ms = b.server_time_ms()
+        namespace = b.settings.namespace
+        # the server's clock as the broker estimated it (a subscription's link is its broker)
+        clock = getattr(b, "server_time_ms", None)
+        now_ms = clock() if clock is not None else int(time.time() * 1000)
         found: dict[tuple[str, str], Any] = {}
         channels_out: dict[tuple[str, str], tuple[int, int]] = {}
         for i, c in enumerate(channels):
             length, dead, groups = replies[3 * i : 3 * i + 3]
             if isinstance(length, int) and isinstance(dead, int):
-                channels_out[(b.namespace, c.name)] = (length, dead)
+                channels_out[(namespace, c.name)] = (length, dead)
             if isinstance(groups, list):
                 for g in groups:
                     found[(c.name, _text(g["name"]))] = g
@@ -296,7 +299,7 @@ class BrokerCollector(Collector):
             lag = info.get("lag")
             oldest = pending.get("min")
             age = None if not oldest else max(0.0, (now_ms - id_to_ms(_text(oldest))) / 1000)
-            groups_out[(b.namespace, c.name, group)] = (
+            groups_out[(namespace, c.name, group)] = (
                 None if lag is None else int(lag),
                 int(pending.get("pending") or 0),
                 age,
@@ -335,7 +338,7 @@ class BrokerCollector(Collector):
             # sampled values only while a live subscription reads the group: a finished
             # consumer's last lag must not stay on the dashboard for ever
             watched = {
-                (t.obj.broker.namespace, c.name, t.obj.group)
+                (t.obj.broker.settings.namespace, c.name, t.obj.group)
                 for t in subs
                 if self._subs.get(id(t.obj)) is t
                 for c in t.obj.channels

@@ -114,7 +114,7 @@ def sent(entry_id: str) -> None:
 
 
 @contextlib.contextmanager
-def processing(msg: Message[Any], group: str) -> Iterator[trace.Span]:
+def processing(msg: Message[Any], group: str, namespace: str | None = None) -> Iterator[trace.Span]:
     """A ``process {channel}`` CONSUMER span around handling ``msg``: its parent is the
     producer's context from the headers (when present), which it also links to. An exception
     marks it failed (and is re-raised); a cancellation of the consumer itself does not."""
@@ -136,8 +136,8 @@ def processing(msg: Message[Any], group: str) -> Iterator[trace.Span]:
         "messaging.message.id": msg.id,
         DELIVERY_COUNT: msg.deliveries,
     }
-    if msg._subscription is not None:
-        attributes["broker.namespace"] = msg._subscription.broker.namespace
+    if namespace is not None:
+        attributes["broker.namespace"] = namespace
     with _tracer.start_as_current_span(
         f"process {msg.channel}",
         context=parent,
