@@ -20,8 +20,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from ._broker import Broker, connect
 from ._channel import Channel, DeadLetter
 from ._message import Message
@@ -179,19 +177,15 @@ async def isolated(
 
 
 async def delete_namespace(url: str | None, namespace: str) -> int:
-    """Delete every key of ``namespace`` (``SCAN`` + ``UNLINK``); returns how many there were."""
-    from ._settings import Settings
-
-    r = aioredis.Redis.from_url(Settings.from_url(url).url)
-    try:
+    """Delete every key of ``namespace`` (``SCAN`` + ``UNLINK``, on every node of a cluster);
+    returns how many there were."""
+    async with connect(url, namespace=namespace, reconnect_deadline=10) as b:
+        r = b.redis
         # namespaces are letters, digits and _ - . : only: nothing to escape in the pattern
-        match = f"{namespace}:*"
-        keys = [k async for k in r.scan_iter(match=match, count=500)]
+        keys = [k async for k in r.scan_iter(match=f"{namespace}:*", count=500)]
         for i in range(0, len(keys), 500):
-            await r.unlink(*keys[i : i + 500])
+            await r.unlink(*keys[i : i + 500])  # a cluster client splits it by slot
         return len(keys)
-    finally:
-        await r.aclose()
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
