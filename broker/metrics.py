@@ -400,8 +400,8 @@ class BrokerCollector(Collector):
             "Handler calls that raised (each is retried, then dead-lettered).",
             labels=["namespace", "channel", "group"],
         )
-        for labels, n in sorted(failures.items()):
-            failed.add_metric(list(labels), n)
+        for labels in sorted({*failures, *(h[0] for h in handled)}):
+            failed.add_metric(list(labels), failures.get(labels, 0))  # 0 once a call was timed
         out.append(failed)
         length = GaugeMetricFamily(
             "broker_channel_length_messages",
