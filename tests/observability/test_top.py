@@ -4,7 +4,7 @@ real terminal (tmux, read back with ``capture-pane``) while workers run."""
 from __future__ import annotations
 
 import asyncio
-import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -118,7 +118,9 @@ def tmux(*args: str) -> str:
     ).stdout
 
 
-async def test_top_in_a_terminal_while_workers_run(redis_url: str, namespace: str) -> None:
+async def test_top_in_a_terminal_while_workers_run(
+    redis_url: str, namespace: str, tmp_path: pathlib.Path
+) -> None:
     if not shutil.which("tmux"):
         pytest.fail("tmux is needed (apt-get install tmux; .ci/run installs it)")
     env = {**ENV, "BROKER_URL": redis_url, "BROKER_NAMESPACE": namespace}
@@ -155,7 +157,12 @@ async def test_top_in_a_terminal_while_workers_run(redis_url: str, namespace: st
     )
     session = f"top-{uuid.uuid4().hex[:6]}"
     # the terminal's own size, not a COLUMNS inherited from whoever started the tmux server
-    command = " ".join(["env", "-u", "COLUMNS", "-u", "LINES", *cli, "top", "--interval", "0.5"])
+    # a shell that survives the Ctrl-C (a trap handler: reset to the default in its child)
+    # waits for broker top and writes its exit status: tmux itself sometimes leaves a pane's
+    # exited process unreaped, its status unknown
+    status_file = tmp_path / "status"
+    top = " ".join(["env", "-u", "COLUMNS", "-u", "LINES", *cli, "top", "--interval", "0.5"])
+    command = f"sh -c 'trap : INT; {top}; echo $? > {status_file}'"
     screen = ""
     try:
         tmux(
@@ -202,14 +209,11 @@ async def test_top_in_a_terminal_while_workers_run(redis_url: str, namespace: st
         assert "billing" in orders_row, orders_row
         tmux("send-keys", "-t", session, "C-c")
         deadline = time.monotonic() + 10
-        status = ""
-        while time.monotonic() < deadline and not status:
-            await asyncio.sleep(0.2)
-            status = tmux(
-                "display-message", "-p", "-t", session, "#{pane_dead}:#{pane_dead_status}"
-            )
-            status = status.strip() if status.strip().startswith("1:") else ""
-        assert status == "1:0", (status, tmux("capture-pane", "-p", "-t", session))
+        while time.monotonic() < deadline and not status_file.exists():
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the line is written
+        status = status_file.read_text().strip() if status_file.exists() else "none"
+        assert status == "0", (status, tmux("capture-pane", "-p", "-t", session))
     finally:
         subprocess.run(["tmux", "-L", SOCKET, "kill-server"], capture_output=True, timeout=10)
         for proc in (producer, consumer):
@@ -222,7 +226,6 @@ async def test_top_in_a_terminal_while_workers_run(redis_url: str, namespace: st
                 proc.kill()
                 await proc.wait()
     assert consumer.returncode == 0 and producer.returncode == 0
-    assert os.environ.get("TMUX_TEST_LEAK") is None
 
 
 def test_top_without_rich_is_a_one_line_usage_error(redis_url: str) -> None:
