@@ -251,14 +251,15 @@ class BrokerCollector(Collector):
                 due[id(b)] = b
         for key, b in due.items():
             self._sampled_at[key] = now
+            # the subscription's streams: one per channel, or one per partition
             pairs = sorted(
                 {
-                    (c, t.obj.group)
+                    (st, t.obj.group)
                     for t in objs
                     if t.sub and t.obj.broker is b
-                    for c in t.obj.channels
+                    for st in _streams(t.obj)
                 },
-                key=lambda p: (p[0].name, p[1]),
+                key=lambda p: (p[0].key, p[1]),
             )[: self.max_sampled]
             try:
                 await asyncio.wait_for(self._sample(b, pairs), SAMPLE_TIMEOUT)
@@ -266,17 +267,18 @@ class BrokerCollector(Collector):
                 self._sample_errors += 1
 
     async def _sample(self, b: Any, pairs: list[tuple[Any, str]]) -> None:
-        """One pipeline: length and dead letters per channel, lag and pending per group."""
+        """One pipeline: length and dead letters per stream, lag and pending per group; the
+        partitions of a channel are added up (the oldest pending entry of any of them)."""
         if not pairs:
             return
-        channels = list({c.name: c for c, _ in pairs}.values())
+        streams = list({st.key: st for st, _ in pairs}.values())
         pipe = b.redis.pipeline(transaction=False)
-        for c in channels:
-            pipe.xlen(c.key)
-            pipe.xlen(c.dead_key)
-            pipe.xinfo_groups(c.key)
-        for c, group in pairs:
-            pipe.xpending(c.key, group)
+        for st in streams:
+            pipe.xlen(st.key)
+            pipe.xlen(st.dead_key)
+            pipe.xinfo_groups(st.key)
+        for st, group in pairs:
+            pipe.xpending(st.key, group)
         replies = await pipe.execute(raise_on_error=False)
         namespace = b.settings.namespace
         # the server's clock as the broker estimated it (a subscription's link is its broker)
@@ -284,26 +286,31 @@ class BrokerCollector(Collector):
         now_ms = clock() if clock is not None else int(time.time() * 1000)
         found: dict[tuple[str, str], Any] = {}
         channels_out: dict[tuple[str, str], tuple[int, int]] = {}
-        for i, c in enumerate(channels):
+        for i, st in enumerate(streams):
             length, dead, groups = replies[3 * i : 3 * i + 3]
             if isinstance(length, int) and isinstance(dead, int):
-                channels_out[(namespace, c.name)] = (length, dead)
+                n, d = channels_out.get((namespace, st.channel), (0, 0))
+                channels_out[(namespace, st.channel)] = (n + length, d + dead)
             if isinstance(groups, list):
                 for g in groups:
-                    found[(c.name, _text(g["name"]))] = g
+                    found[(st.key, _text(g["name"]))] = g
         groups_out: dict[tuple[str, str, str], tuple[int | None, int, float | None]] = {}
-        for (c, group), pending in zip(pairs, replies[3 * len(channels) :], strict=True):
-            info = found.get((c.name, group))
+        for (st, group), pending in zip(pairs, replies[3 * len(streams) :], strict=True):
+            info = found.get((st.key, group))
             if info is None or not isinstance(pending, dict):
                 continue
-            lag = info.get("lag")
+            lag = None if info.get("lag") is None else int(info["lag"])
             oldest = pending.get("min")
             age = None if not oldest else max(0.0, (now_ms - id_to_ms(_text(oldest))) / 1000)
-            groups_out[(namespace, c.name, group)] = (
-                None if lag is None else int(lag),
-                int(pending.get("pending") or 0),
-                age,
-            )
+            key = (namespace, st.channel, group)
+            if key in groups_out:  # another partition of the channel
+                lag0, pending0, age0 = groups_out[key]
+                lag = None if lag is None or lag0 is None else lag + lag0
+                age = max((a for a in (age, age0) if a is not None), default=None)
+                pending_total = pending0 + int(pending.get("pending") or 0)
+            else:
+                pending_total = int(pending.get("pending") or 0)
+            groups_out[key] = (lag, pending_total, age)
         with self._lock:
             self._channels.update(channels_out)
             self._groups.update(groups_out)
@@ -447,6 +454,18 @@ class BrokerCollector(Collector):
             )
         )
         return out
+
+
+def _streams(sub: Any) -> list[Any]:
+    """A subscription's streams (known once it is entered), else its channels' own keys."""
+    streams = list(getattr(sub, "streams", None) or [])
+    if streams:
+        return streams
+    from ._stream import Stream
+
+    return [
+        Stream(c.name, c.key, c.dead_key, c.codec, 0) for c in sub.channels if hasattr(c, "key")
+    ]
 
 
 def _any(channel: tuple[str, str], watched: set[tuple[str, str, str]]) -> bool:

@@ -96,6 +96,8 @@ class TopSampler:
         self._added: dict[str, int] = {}
         self._acked: dict[tuple[str, str], int] = {}
         self._slots: dict[str, tuple[int, int]] = {}
+        #: channel objects kept, so a partitioned channel's streams are resolved once
+        self._channels: dict[str, broker.Channel[Any]] = {}
 
     async def sample(self) -> Frame:
         b = self.b
@@ -181,42 +183,95 @@ class TopSampler:
         return Frame(b.namespace, b.settings.safe_url, dt, channels, hidden, slots)
 
     async def _read(self, names: list[str]) -> list[tuple[Any, int, list[Any], list[Any]]]:
-        """Two pipelines: stream info, dead letters and groups per channel; then one pending
-        summary per group. A channel that does not exist (yet) shows as empty."""
+        """Two pipelines: stream info, dead letters and groups per stream (one per channel, or
+        one per partition); then one pending summary per group, and a bounded count where
+        Redis cannot tell a lag. A partitioned channel's streams are added up into one row. A
+        channel that does not exist (yet) shows as empty."""
         r = self.b.redis
-        chans = [self.b.channel(n) for n in names]
+        for name in names:
+            if name not in self._channels:
+                self._channels[name] = self.b.channel(name)
+        per_channel = [await self._channels[n].streams(record=False) for n in names]
+        streams = [st for sts in per_channel for st in sts]
         pipe = r.pipeline(transaction=False)
-        for ch in chans:
-            pipe.xinfo_stream(ch.key)
-            pipe.xlen(ch.dead_key)
-            pipe.xinfo_groups(ch.key)
+        for st in streams:
+            pipe.xinfo_stream(st.key)
+            pipe.xlen(st.dead_key)
+            pipe.xinfo_groups(st.key)
         first = await pipe.execute(raise_on_error=False)
         out = []
         pipe = r.pipeline(transaction=False)
-        for i, ch in enumerate(chans):
-            stream, dead, groups = first[3 * i : 3 * i + 3]
-            if isinstance(stream, Exception):
-                if "no such key" not in str(stream).lower():
-                    raise stream
-                stream, groups = None, []
+        for i, st in enumerate(streams):
+            info, dead, groups = first[3 * i : 3 * i + 3]
+            if isinstance(info, Exception):
+                if "no such key" not in str(info).lower():
+                    raise info
+                info, groups = None, []
             groups = groups if isinstance(groups, list) else []
             for g in groups:
-                pipe.xpending(ch.key, _text(g["name"]))
+                pipe.xpending(st.key, _text(g["name"]))
                 if g.get("lag") is None:  # Redis cannot tell: count, up to a bound
                     last = _text(g["last-delivered-id"])
-                    pipe.xrange(ch.key, min=f"({last}", count=LAG_COUNT + 1)
-            out.append((stream, dead if isinstance(dead, int) else 0, groups))
+                    pipe.xrange(st.key, min=f"({last}", count=LAG_COUNT + 1)
+            out.append((info, dead if isinstance(dead, int) else 0, groups))
         summaries = list(await pipe.execute(raise_on_error=False)) if len(pipe) else []
         rows = []
-        for stream, dead, groups in out:
+        for info, dead, groups in out:
             mine = []
             for g in groups:
                 mine.append(summaries.pop(0))
                 if g.get("lag") is None:
                     after = summaries.pop(0)
                     g["lag"] = len(after) if isinstance(after, list) else None
-            rows.append((stream, dead, groups, mine))
-        return rows
+            rows.append((info, dead, groups, mine))
+        merged = []
+        for sts in per_channel:
+            parts, rows = rows[: len(sts)], rows[len(sts) :]
+            merged.append(parts[0] if len(parts) == 1 else _merge(parts))
+        return merged
+
+
+def _merge(
+    parts: list[tuple[Any, int, list[Any], list[Any]]],
+) -> tuple[Any, int, list[Any], list[Any]]:
+    """The streams of a partitioned channel as one: lengths, lags and pending added up, the
+    oldest pending entry of any partition, the most consumers any partition has."""
+
+    def total(values: list[Any]) -> int | None:
+        return None if any(v is None for v in values) else sum(int(v) for v in values)
+
+    infos = [info for info, _, _, _ in parts if info is not None]
+    info = None
+    if infos:
+        info = {
+            "length": sum(int(i.get("length", 0)) for i in infos),
+            "entries-added": total([i.get("entries-added") for i in infos]),
+        }
+    groups: dict[str, list[tuple[Any, Any]]] = {}
+    for _, _, gs, summaries in parts:
+        for g, summary in zip(gs, summaries, strict=True):
+            groups.setdefault(_text(g["name"]), []).append((g, summary))
+    merged_groups, merged_summaries = [], []
+    for name, rows in groups.items():
+        merged_groups.append(
+            {
+                "name": name,
+                "consumers": max(int(g["consumers"]) for g, _ in rows),
+                "pending": sum(int(g["pending"]) for g, _ in rows),
+                "lag": total([g.get("lag") for g, _ in rows]),
+                "entries-read": total([g.get("entries-read") for g, _ in rows]),
+            }
+        )
+        oldest = [
+            _text(s["min"]) for _, s in rows if isinstance(s, dict) and s.get("min") is not None
+        ]
+        merged_summaries.append({"min": min(oldest, key=_id_key) if oldest else None})
+    return info, sum(dead for _, dead, _, _ in parts), merged_groups, merged_summaries
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: Any) -> str:
