@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from redis.asyncio.cluster import RedisCluster
 
+from . import _observe
 from ._clients import cluster_client, single_client
 from ._codec import Codec
 from ._errors import ClosedError, ConfigurationError, ConnectionLostError, map_redis_errors
@@ -119,6 +120,7 @@ class Broker(AsyncResource):
             await stack.aclose()
             raise
         self._stack = stack
+        _observe.broker_opened(self)  # metrics, when enabled
         return self
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
@@ -164,6 +166,7 @@ class Broker(AsyncResource):
                 await self._publisher.wait_idle()
             finally:
                 await cancel_and_wait(self._publisher_task)
+        _observe.broker_closed(self)  # its final publish counts
         await stack.aclose()
 
     async def _measure_clock(self) -> None:
@@ -337,7 +340,7 @@ class Broker(AsyncResource):
         """
         from ._subscription import Subscription
 
-        return Subscription(self, self._channels(channels), **options)
+        return _observe.subscription(Subscription(self, self._channels(channels), **options))
 
     async def consume(
         self,

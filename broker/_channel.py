@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
+from . import _observe
 from ._codec import Codec, get_codec, pack_headers
 from ._errors import ChannelFullError, ConfigurationError
 from ._inspection import (
@@ -194,6 +195,20 @@ class Channel(ChannelInspection, Generic[T]):
         :raises ChannelFullError: on a bounded channel with ``on_full="raise"``.
         :raises ConnectionLostError: if the server stays unreachable past the deadline.
         """
+        if _observe.observing():  # metrics on, or the application uses OpenTelemetry
+            return await _observe.publish(self, data, headers, key)
+        # the body of _publish, inline: the hot path pays no extra coroutine
+        streams = self._streams
+        if streams is None:
+            streams = await self.streams()
+        item = self._entry(streams, data, headers, key, next(self._turn))
+        if self.max_lag is not None:
+            await self._wait_for_room()
+        return await self.broker.publisher.submit(item)
+
+    async def _publish(
+        self, data: T, headers: dict[str, str] | None, key: str | bytes | int | None
+    ) -> str:
         streams = self._streams
         if streams is None:
             streams = await self.streams()
@@ -219,6 +234,17 @@ class Channel(ChannelInspection, Generic[T]):
         """
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
+        if _observe.observing():
+            return await _observe.publish_many(self, items, batch, key)
+        return await self._publish_many(items, batch, key, None)
+
+    async def _publish_many(
+        self,
+        items: Iterable[T | tuple[T, dict[str, str] | None]],
+        batch: int,
+        key: Callable[[T], str | bytes | int] | None,
+        inject: Callable[[dict[str, str] | None], dict[str, str] | None] | None,
+    ) -> list[str]:
         streams = await self.streams()
         ids: list[str] = []
         chunk: list[XAdd] = []
@@ -232,6 +258,8 @@ class Channel(ChannelInspection, Generic[T]):
                 data, headers = item[0], item[1]
             else:
                 data, headers = item, None
+            if inject is not None:  # a trace context for every message
+                headers = inject(headers)
             k = None if key is None else key(data)
             chunk.append(self._entry(streams, data, headers, k, turn))
             if len(chunk) >= batch:

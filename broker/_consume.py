@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import _observe
 from ._names import semaphore_key
 from ._semaphore import GroupSemaphore
 
@@ -52,6 +53,7 @@ async def run_consumer(
     group_concurrency: int | None = None,
     lease: float = 30.0,
     stop: StopToken | None = None,
+    instrument: bool = True,
 ) -> None:
     """Run ``handler`` on each message of ``sub`` with bounded concurrency until it stops.
 
@@ -60,10 +62,15 @@ async def run_consumer(
     most ``concurrency`` messages are in handlers and the subscription's prefetch bounds the
     rest. On stop (the token, ``sub.stop()``) no new message starts; running handlers finish
     and are acked.
+
+    With metrics enabled or OpenTelemetry in use, each call runs in a consumer span and is
+    timed (``instrument=False``: the caller instruments the handler itself).
     """
     if not _is_async(handler):
         raise TypeError(f"handler must be an async function (async def), got {handler!r}")
     check_limits(concurrency, group_concurrency, lease)
+    if instrument:
+        handler = _observe.instrument_handler(handler, sub)
     group = None
     if group_concurrency is not None:
         ch = sub.channels[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from typing import Any
@@ -157,6 +158,19 @@ Examples:
     help="json: one object per line (ts, level, event, fields).",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus /metrics, per slot: slot N on PORT+N (needs broker[metrics]).",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address the /metrics endpoints listen on.",
+)
+@click.option(
     "--check",
     is_flag=True,
     help="Do not run: exit 0 if this host's worker(s) (--name, or all) report healthy, "
@@ -181,6 +195,8 @@ def worker(
     heartbeat: float,
     log_level: str,
     log_format: str,
+    metrics_port: int | None,
+    metrics_addr: str,
     check: bool,
     max_memory: int | None,
     max_messages: int | None,
@@ -242,6 +258,8 @@ def worker(
                 f"got {len(channels)}",
                 ctx=ctx,
             )
+    if metrics_port is not None and importlib.util.find_spec("prometheus_client") is None:
+        raise UserError("--metrics-port needs prometheus_client: pip install 'broker[metrics]'", 2)
     try:
         spec = WorkerSpec(
             name=name or _default_name(handler),
@@ -265,6 +283,8 @@ def worker(
             log_format=log_format,
             max_memory=max_memory,
             max_messages=max_messages,
+            metrics_port=metrics_port,
+            metrics_addr=metrics_addr,
         )
         config.connect()  # a bad URL or namespace: one line now, not one per child
     except ConfigurationError as exc:

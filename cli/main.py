@@ -26,6 +26,7 @@ from ._inspect import channels, info, pending
 from ._publish import publish
 from ._server import demo, server
 from ._tail import tail
+from ._top import top
 from ._workers import worker, workers_cmd
 
 __all__ = ["BrokerGroup", "cli", "main"]
@@ -154,6 +155,7 @@ for command in (
     worker,
     workers_cmd,
     bench,
+    top,
 ):
     cli.add_command(command)
 

@@ -1,24 +1,17 @@
-"""Shared fixtures: one real server per session, a fresh namespace per test, leak checks.
+"""Shared fixtures: the project's tests use the plugin shipped with the package.
 
-The server is, in order:
-
-1. ``$BROKER_TEST_URL``, when set (any server: a compose service, a cloud instance);
-2. a private local server: ``$BROKER_REDIS_SERVER``, else ``redis-server`` on PATH, else the
-   embedded one (the ``server`` extra). It needs no image pull and starts in milliseconds;
-3. a Docker container (``redis:7.0``, through testcontainers) when no local server can be had,
-   or when asked with ``BROKER_TEST_DOCKER=1``.
-
-A missing server fails the run with a message; no test skips for want of one.
+``broker/pytest_plugin.py`` (entry point ``pytest11``) provides ``broker_url`` (one real server
+per session: ``$BROKER_TEST_URL``, else a private local server, else a ``redis:7.0`` container),
+``broker_namespace`` and ``broker_client``. ``redis_url`` and ``namespace`` below are thin
+aliases kept for the tests written against them; this file adds the cluster, the ``server``
+parametrization, ``client`` (on either kind, keys deleted after) and the leak check every test
+of the project gets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -26,69 +19,20 @@ import pytest
 import redis.asyncio as aioredis
 
 import broker
-from broker import EmbeddedServer, ServerNotFoundError
+from broker import ServerNotFoundError
 from broker._server_cluster import EmbeddedCluster
-
-#: what the session's server is, for the report header
-_SERVER_NOTE: list[str] = []
-
-
-def _docker_answers() -> bool:
-    if not shutil.which("docker"):
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=5).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _redis_container(image: str = "redis:7.0") -> object:
-    try:
-        from testcontainers.community.redis import RedisContainer
-    except ImportError:  # testcontainers < 4.15 has it at the old place only
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from testcontainers.redis import RedisContainer
-    return RedisContainer(image)
+from broker.pytest_plugin import _SERVER_NOTE
+from broker.testing import isolated
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    explicit = os.environ.get("BROKER_TEST_URL")
-    if explicit:
-        _SERVER_NOTE.append("BROKER_TEST_URL")
-        yield explicit
-        return
-    want_docker = os.environ.get("BROKER_TEST_DOCKER", "") not in ("", "0")
-    if not want_docker:
-        try:
-            server = EmbeddedServer()
-        except ServerNotFoundError as exc:
-            if not _docker_answers():
-                pytest.fail(f"no Redis server for the tests: {exc}", pytrace=False)
-            _SERVER_NOTE.append(f"no local server ({exc}); using a container")
-        else:
-            _SERVER_NOTE.append(f"local {server.binary}")
-            with server:
-                yield server.url
-            return
-    if not _docker_answers():
-        pytest.fail("BROKER_TEST_DOCKER=1 but no Docker engine answers", pytrace=False)
-    with _redis_container() as container:  # type: ignore[attr-defined]
-        _SERVER_NOTE.append("a redis:7.0 container")
-        host = container.get_container_host_ip()
-        port = container.get_exposed_port(6379)
-        yield f"redis://{host}:{port}/0"
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _SERVER_NOTE:
-        terminalreporter.write_line(f"broker tests ran on: {'; '.join(_SERVER_NOTE)}")
+def redis_url(broker_url: str) -> str:
+    return broker_url
 
 
 @pytest.fixture
-def namespace() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
+def namespace(broker_namespace: str) -> str:
+    return broker_namespace
 
 
 @pytest.fixture
@@ -128,7 +72,9 @@ def server(request: pytest.FixtureRequest, redis_url: str) -> str:
 
 @pytest.fixture
 async def client(server: str, namespace: str) -> AsyncIterator[broker.Broker]:
-    async with broker.connect(server, namespace=namespace, reconnect_deadline=10) as b:
+    """``broker_client`` on ``server`` (the single server or the cluster; tests/multihost
+    points ``redis_url`` at its own): a fresh namespace, whose keys are deleted after."""
+    async with isolated(server, namespace) as b:
         yield b
 
 

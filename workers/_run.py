@@ -20,7 +20,8 @@ from typing import Any, Protocol, cast
 
 import broker
 from broker import StopToken
-from broker._consume import default_prefetch
+from broker._consume import default_prefetch, run_consumer
+from broker._observe import instrument_handler
 from broker._resource import cancel_and_wait
 
 from ._health import rss_bytes
@@ -104,6 +105,7 @@ class Consumer:
         self._running = self._fatal = 0
         #: set once only fatal handlers run: cancel them, their messages stay pending
         self._abandon = asyncio.Event()
+        self._fn = target.fn
 
     def in_flight(self) -> int:
         return 0 if self._sub is None else self._sub.statistics().in_flight
@@ -123,15 +125,20 @@ class Consumer:
             claim_idle=spec.claim_idle,
         ) as sub:
             self._sub = sub
+            # metrics and traces around the handler itself, which sees its errors (_handle
+            # settles them); so consume() below does not instrument _handle again
+            self._fn = instrument_handler(self.target.fn, sub)
             await ready()
             # on stop, consume() stops taking messages, releases the fetched ones at once and
             # returns when running handlers are done; leaving the `async with` sends their acks
             await until_hurried(
-                sub.consume(
+                run_consumer(
+                    sub,
                     self._handle,
                     concurrency=spec.concurrency,
                     group_concurrency=spec.group_concurrency,
                     stop=stop,
+                    instrument=False,
                 ),
                 hurry,
                 self._abandon,
@@ -140,7 +147,7 @@ class Consumer:
     async def _handle(self, msg: broker.Message[Any]) -> None:
         self._running += 1
         try:
-            await self.target.fn(msg)
+            await self._fn(msg)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

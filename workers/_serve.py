@@ -32,6 +32,7 @@ from broker._resource import cancel_and_wait
 
 from ._health import forget, rss_bytes, write_heartbeat
 from ._logging import event
+from ._metrics import metrics_endpoint
 from ._run import Runner, make_runner
 from ._spec import WorkerSpec
 from ._target import Target, inspect_target
@@ -263,7 +264,8 @@ async def serve(
                 f"{spec.target} is a {target.kind}r by its signature, "
                 f"but the worker was given as a {spec.kind}r"
             )
-        return await _serve(spec, slot, s, target, ready)
+        with metrics_endpoint(spec, slot):  # --metrics-port: this slot's /metrics
+            return await _serve(spec, slot, s, target, ready)
     except Exception as exc:
         event(log, logging.ERROR, "failed", error=type(exc).__name__, detail=str(exc)[:500])
         raise

@@ -59,6 +59,9 @@ class WorkerSpec:
     max_memory: int | None = None
     #: ... or once it handled this many messages (like gunicorn's max_requests)
     max_messages: int | None = None
+    #: slot N serves Prometheus ``/metrics`` on ``metrics_port + N`` (None: no metrics)
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -106,6 +109,11 @@ class WorkerSpec:
         if self.grace < 0 or self.heartbeat <= 0 or self.claim_idle <= 0:
             raise ConfigurationError(
                 "grace must be >= 0 seconds, heartbeat and claim_idle > 0 seconds"
+            )
+        if self.metrics_port is not None and not 0 < self.metrics_port <= 65536 - self.processes:
+            raise ConfigurationError(
+                f"metrics_port must leave room for {self.processes} slot(s) below 65536, "
+                f"got {self.metrics_port}"
             )
         if self.log_level not in LOG_LEVELS or self.log_format not in LOG_FORMATS:
             raise ConfigurationError(
