@@ -75,6 +75,9 @@ class Ledger(Generic[T]):
         self.arriving: set[tuple[str, str]] = set()
         #: room taken by reads on the wire (several readers share ``prefetch``)
         self.reserved = 0
+        self._readers: list[Any] = []
+        self._share = prefetch
+        self._reader_of: dict[str, int] = {}
         #: a read, claim or replay was cancelled midway: it may have left entries in our
         #: pending list that we never saw
         self.read_cancelled = False
@@ -132,6 +135,36 @@ class Ledger(Generic[T]):
         held = len(self.buffer) + len(self.inflight) + len(self.retry) + len(self.settler.dead)
         acks = self.settler.unsent()
         return self.prefetch - held - self.reserved - max(0, acks - self.prefetch)
+
+    def set_readers(self, readers: list[Any], share: int) -> None:
+        """The readers sharing the room (each with ``keys``, ``hungry`` and ``reserved``)."""
+        self._readers = readers
+        self._share = share
+        self._reader_of = {key: i for i, r in enumerate(readers) for key in r.keys}
+
+    def room_for(self, reader: Any) -> int:
+        """Room for one of several readers. Each hungry reader (one whose streams may have
+        more) is owed its share of ``prefetch``, minus what it holds: the others may not take
+        that. The rest is anyone's. So a reader that starts first cannot fill the room before
+        the others start, and one waiting on drained streams keeps nothing from the others."""
+        left = self.room_left()
+        readers = self._readers
+        if len(readers) < 2:
+            return left
+        held = [0] * len(readers)
+        of = self._reader_of
+        for m in itertools.chain(self.buffer, self.inflight, (m for _, _, m in self.retry)):
+            held[of[m._stream.key]] += 1  # type: ignore[union-attr]
+        share = self._share
+        owed = 0
+        mine = 0
+        for i, r in enumerate(readers):
+            free = max(0, share - held[i] - r.reserved)
+            if r is reader:
+                mine = free
+            elif r.hungry:
+                owed += free
+        return max(min(left, mine), left - owed)
 
     async def wait_room(self) -> None:
         self.room.clear()

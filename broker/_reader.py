@@ -34,6 +34,7 @@ from typing import Any
 from ._errors import BrokerError, ConnectionLostError
 from ._ledger import Ledger
 from ._pubsub import Listener
+from ._resource import cancel_and_wait
 from ._retry import no_reply
 from ._settle import GroupCalls, Settler
 from ._stream import Stream, decode_entry
@@ -99,6 +100,9 @@ class Reader:
         self.by_key = {s.key.encode(): s for s in streams}
         self.share = share
         self.stopped = stopped
+        self.keys = frozenset(st.key for st in streams)
+        #: room this reader holds for the read on the wire
+        self.reserved = 0
         self.reconnects = 0
         self._replay_cursors: dict[str, str] = {}
         self._claim_cursors: dict[str, str] = {}
@@ -111,6 +115,8 @@ class Reader:
         self.blocking = len(self.slot_groups) == 1 and len(streams) <= BLOCKING_STREAMS
         #: the last blocking read drained the streams: the next one waits for new entries
         self._drained = False
+        self._polled = False  # a doorbell reader's first poll is done
+        self._turn = 0  # which streams come first when there is not room for every one
         #: doorbell mode: streams rung since their last read, and the event that wakes us
         self._dirty: set[str] = set()
         self._rung = asyncio.Event()
@@ -121,6 +127,12 @@ class Reader:
         keys = [s.key.encode() for s in streams]
         self._read_head = b"*%d\r\n" % (len(head) + 5 + 2 * len(keys)) + b"".join(map(bulk, head))
         self._read_tail = b"".join(map(bulk, (b"STREAMS", *keys, *(b">" for _ in keys))))
+
+    @property
+    def hungry(self) -> bool:
+        """Its streams may have more: it has not read them yet, its last read was full, or
+        a bell rang. Hungry readers are owed their share of the room (see Ledger.room_for)."""
+        return not self._drained if self.blocking else bool(self._dirty) or not self._polled
 
     def __repr__(self) -> str:
         mode = "blocking" if self.blocking else "doorbell"
@@ -149,6 +161,7 @@ class Reader:
         self._listeners = [Listener(st.key, self._bell(st.key), self._gap) for st in self.streams]
         try:
             await hub.add_many(self._listeners)
+            self._dirty.update(st.key for st in self.streams)
         except BrokerError as exc:
             # e.g. no permission for these channels: reading still works, by polling
             log.warning("%r: cannot listen for doorbells (%s); polling every %gs", self, exc,
@@ -156,11 +169,18 @@ class Reader:
             self._listeners = []
 
     async def run(self) -> None:
+        # a doorbell reader registers its bells while it replays, claims and polls (opening
+        # the pub/sub connection takes a few round trips); once they are heard, it polls
+        # again, so an entry whose bell rang in between is not left for the next poll
+        listening = None
+        if not self.blocking:
+            listening = asyncio.create_task(self._listen(), name=f"{self!r} bells")
+            listening.add_done_callback(lambda _: self._rung.set())
         try:
-            if not self.blocking:
-                await self._listen()
             await self._loop()
         finally:
+            if listening is not None:
+                await cancel_and_wait(listening)
             if self._listeners:
                 await self.link._pubsub_hub().remove_many(self._listeners)
 
@@ -178,7 +198,7 @@ class Reader:
                 if now < next_poll and now < next_claim:
                     await self._wait_rung(min(next_poll, next_claim) - now)
                     continue
-            left = ledger.room_left()
+            left = ledger.room_for(self)
             room = min(left, self.share)
             if self.blocking and self._drained and not replay and left < ledger.prefetch:
                 if ledger.parked:
@@ -198,6 +218,7 @@ class Reader:
             started = time.monotonic()
             limit = backoff.limit()
             ledger.reserved += room
+            self.reserved = room
             try:
                 if replay:
                     async with _bounded(limit):
@@ -230,6 +251,7 @@ class Reader:
                 next_poll = 0.0
             finally:
                 ledger.reserved -= room
+                self.reserved = 0
                 ledger.make_room()  # what this read did not use may serve another reader
             if ledger.buffer and ledger.waiters:
                 # let the waiting reader take what just arrived before the next read is
@@ -264,10 +286,9 @@ class Reader:
     async def _replay(self, replay: set[str], room: int) -> None:
         """One page of this consumer's own pending entries per stream still replaying."""
         cursors = self._replay_cursors
-        streams = [s for s in self.streams if s.key in replay]
-        ids = {s.key: cursors.get(s.key, "0") for s in streams}
         # COUNT is per stream: share the room so a replay over many streams stays bounded
-        per_stream = max(1, -(-room // len(streams)))
+        streams, per_stream = self._split(room, [s for s in self.streams if s.key in replay])
+        ids = {s.key: cursors.get(s.key, "0") for s in streams}
         self.ledger.read_cancelled = True  # a cancel mid-call may leave entries we never saw
         reply = await self._read_positions(ids, per_stream)
         self.ledger.read_cancelled = False
@@ -283,17 +304,28 @@ class Reader:
             cursors[stream.key] = entries[-1][0].decode()
             await self._ingest(stream, entries, counted=True)
 
+    def _split(self, room: int, streams: list[Stream]) -> tuple[list[Stream], int]:
+        """Which streams to read and the COUNT for each, so that no more than ``room`` entries
+        can come back (COUNT is per stream): all of them when there is room for one each,
+        else ``room`` of them, in turn."""
+        n = len(streams)
+        if room >= n:
+            return streams, room // n
+        start = self._turn % n
+        self._turn += room
+        return (streams[start:] + streams[:start])[:room], 1
+
     async def _claim(self, room: int) -> None:
         """``XAUTOCLAIM`` on every stream, pipelined: entries idle longer than ``claim_idle``
         (left by a dead or stuck consumer, or released by a stopping one)."""
         r = self.link.redis
         idle_ms = int(self.options.claim_idle * 1000)
         cursors = self._claim_cursors
-        per_stream = max(1, -(-room // len(self.streams)))
+        streams, per_stream = self._split(room, self.streams)
 
         async def claim() -> list[Any]:
             pipe = r.pipeline(transaction=False)
-            for s in self.streams:
+            for s in streams:
                 pipe.xautoclaim(
                     s.key,
                     self.options.group,
@@ -307,7 +339,7 @@ class Reader:
         self.ledger.read_cancelled = True  # a cancel mid-call may leave entries we never saw
         replies = await self.calls.call(claim)
         self.ledger.read_cancelled = False
-        for stream, reply in zip(self.streams, replies, strict=True):
+        for stream, reply in zip(streams, replies, strict=True):
             cursors[stream.key] = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
             entries = [e for e in reply[1] if e[0] is not None]
             if len(reply) > 2 and reply[2]:
@@ -350,11 +382,13 @@ class Reader:
     async def _read_rung(self, room: int) -> None:
         """Read the streams rung (or all, at a poll) without blocking, one round trip; a stream
         that gave a full page stays rung (there may be more)."""
-        keys = [st.key for st in self.streams if st.key in self._dirty]
+        rung = [st for st in self.streams if st.key in self._dirty]
         self._dirty.clear()
-        if not keys:
+        if not rung:
             return
-        per_stream = max(1, -(-room // len(keys)))
+        chosen, per_stream = self._split(room, rung)
+        keys = [st.key for st in chosen]
+        self._dirty.update(st.key for st in rung if st not in chosen)  # next time
         self.ledger.read_cancelled = True  # cleared below unless the read is cancelled midway
         try:
             reply = await self._read_positions(dict.fromkeys(keys, ">"), per_stream)
@@ -362,6 +396,7 @@ class Reader:
             self._dirty.update(keys)  # not read: read them next time
             raise
         self.ledger.read_cancelled = False
+        self._polled = True
         for key, entries in reply:
             if len(entries) >= per_stream:
                 self._dirty.add(self.by_key[key].key)

@@ -594,6 +594,7 @@ class Subscription(AsyncResource, Generic[T]):
                 )
                 for wire, streams in groups
             ]
+            self._ledger.set_readers(self._readers, share)
             tasks = [asyncio.create_task(r.run(), name=f"{self!r} {r!r}") for r in self._readers]
             changed = asyncio.create_task(topology.wait_changed(), name=f"{self!r} topology")
             try:
