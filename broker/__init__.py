@@ -35,7 +35,7 @@ from ._publisher import PublisherStatistics
 from ._server import EmbeddedServer, ServerNotFoundError
 from ._settings import Settings
 from ._stop import RemoteStopSource, RemoteStopToken, StopSource, StopToken
-from ._subscription import Subscription, SubscriptionStatistics
+from ._subscription import ChannelStatistics, Subscription, SubscriptionStatistics
 from ._tail import Tail
 
 __version__ = "0.1.0"
@@ -48,6 +48,7 @@ __all__ = [
     "ChannelError",
     "ChannelFullError",
     "ChannelInfo",
+    "ChannelStatistics",
     "ClosedError",
     "Codec",
     "ConfigurationError",

@@ -93,6 +93,9 @@ class Ledger(Generic[T]):
         self.nacked = 0
         self.claimed = 0
         self.released = 0
+        #: per channel: [delivered, nacked, claimed, released] (counted per batch, not per
+        #: message, except nacks, which are per message anyway)
+        self.per_channel: dict[str, list[int]] = {s.channel: [0, 0, 0, 0] for s in streams}
 
     # -- waking -------------------------------------------------------------------------------
 
@@ -247,6 +250,7 @@ class Ledger(Generic[T]):
                     else:
                         self.buffer.append(msg)
                         self.buffered_total += 1
+                        self.per_channel[stream.channel][0] += 1
                 self.settler.kick()
                 self.make_room()
                 self.wake(len(self.buffer))
@@ -332,6 +336,8 @@ class Ledger(Generic[T]):
             if msg._stream is not None:
                 by_key.setdefault(msg._stream.key, {})[msg.id] = msg.deliveries - 1
         self.unhanded += len(self.buffer)
+        for m in self.buffer:  # fetched but never handed out: not delivered after all
+            self.per_channel[m.channel][0] -= 1
         self.buffer.clear()
         self.retry.clear()
         r = self.link.redis
@@ -371,6 +377,8 @@ class Ledger(Generic[T]):
 
         await self.calls.retry(release)
         self.released += sum(map(len, by_key.values()))
+        for key, ids in by_key.items():
+            self.per_channel[self.by_key[key].channel][3] += len(ids)
 
 
 def _owner(row: Any) -> str:

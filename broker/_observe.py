@@ -38,6 +38,7 @@ __all__ = [
     "publish_many",
     "set_sink",
     "subscription",
+    "subscription_closed",
 ]
 
 T = TypeVar("T")
@@ -53,6 +54,8 @@ class Sink(Protocol):
     def broker_closed(self, b: Broker) -> None: ...
 
     def subscription(self, sub: Subscription[Any]) -> None: ...
+
+    def subscription_closed(self, sub: Subscription[Any]) -> None: ...
 
     def published(self, namespace: str, channel: str, n: int) -> None: ...
 
@@ -105,6 +108,12 @@ def subscription(sub: S) -> S:
     if _sink is not None:
         _sink.subscription(sub)
     return sub
+
+
+def subscription_closed(sub: Subscription[Any]) -> None:
+    """Called by ``Subscription.aclose`` once everything is settled."""
+    if _sink is not None:
+        _sink.subscription_closed(sub)
 
 
 # -- publishing --------------------------------------------------------------------------------

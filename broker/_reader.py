@@ -347,6 +347,7 @@ class Reader:
                 self.settler.note_trimmed(stream, [i.decode() for i in reply[2]], ack=False)
             if entries:
                 self.ledger.claimed += len(entries)
+                self.ledger.per_channel[stream.channel][2] += len(entries)
                 await self._ingest(stream, entries, counted=True)
 
     async def _read_new(self, room: int, limit: float | None, block: float) -> None:
@@ -447,6 +448,7 @@ class Reader:
                     bad = True
                     self._settle_bad(stream, msg)
             ledger.buffered_total += len(buffer) - before
+            ledger.per_channel[stream.channel][0] += len(buffer) - before
             if bad:
                 self.settler.kick()
                 ledger.make_room()
@@ -476,6 +478,7 @@ class Reader:
             else:
                 ledger.buffer.append(msg)
                 ledger.buffered_total += 1
+                ledger.per_channel[stream.channel][0] += 1
         ledger.arriving = set()
         self.settler.kick()
         ledger.make_room()

@@ -125,6 +125,8 @@ class Settler:
         #: recently reported trimmed entries (bounded), so each is reported once
         self.trimmed_seen: dict[tuple[str, str], None] = {}
         self.dead_lettered = 0
+        #: per channel: [acks sent, dead lettered, trimmed]
+        self.per_channel: dict[str, list[int]] = {s.channel: [0, 0, 0] for s in streams}
         self.trimmed = 0
         self.wake = asyncio.Event()
         self.kicked = False  # ``wake`` is set (a plain flag is cheaper on the hot path)
@@ -151,6 +153,7 @@ class Settler:
         assert stream is not None
         self.dead.append(DeadOp(stream, msg.id, msg.fields, error, msg.deliveries))
         self.dead_lettered += 1
+        self.per_channel[stream.channel][1] += 1
         log.warning("dead-lettered %s %s: %s", msg.channel, msg.id, error)
         self.kick()
 
@@ -167,6 +170,7 @@ class Settler:
             if len(self.trimmed_seen) > 1024:
                 self.trimmed_seen.pop(next(iter(self.trimmed_seen)))
             self.trimmed += 1
+            self.per_channel[stream.channel][2] += 1
             fresh.append(entry_id)
             log.warning(
                 "%s %s was trimmed while pending; dropped without delivery", stream.key, entry_id
@@ -239,6 +243,8 @@ class Settler:
 
         try:
             await self.calls.retry(send)
+            for key, ids in acks.items():
+                self.per_channel[self.by_key[key].channel][0] += len(ids)
         finally:
             self.sending = 0
             self.in_transit = ({}, [])

@@ -30,6 +30,7 @@ from ._errors import BrokerError, ClosedError, ConfigurationError, ConnectionLos
 from ._ledger import Ledger
 from ._message import Message
 from ._names import check_group, host_label
+from ._observe import subscription_closed
 from ._reader import Reader, ReadOptions, reader_groups
 from ._resource import AsyncResource, cancel_all, cancel_and_wait
 from ._scripts import PRUNE_CONSUMER
@@ -41,7 +42,13 @@ from ._wire import Wire
 if TYPE_CHECKING:
     from ._stop import StopToken
 
-__all__ = ["StreamSource", "Subscription", "SubscriptionStatistics", "default_consumer_name"]
+__all__ = [
+    "ChannelStatistics",
+    "StreamSource",
+    "Subscription",
+    "SubscriptionStatistics",
+    "default_consumer_name",
+]
 
 log = logging.getLogger("broker.subscription")
 T = TypeVar("T")
@@ -59,6 +66,22 @@ class StreamSource(Protocol):
     name: str
 
     async def streams(self, *, record: bool = True) -> list[Stream]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelStatistics:
+    """One channel's share of a subscription's counts (see ``channel_statistics()``)."""
+
+    buffered: int
+    in_flight: int
+    retrying: int
+    delivered: int
+    acked: int
+    nacked: int
+    dead_lettered: int
+    claimed: int
+    released: int
+    trimmed: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +282,7 @@ class Subscription(AsyncResource, Generic[T]):
                 await cancel_and_wait(t)
             await tasks.__aexit__(None, None, None)
             self._tasks = None
+            subscription_closed(self)
 
     def stop(self) -> None:
         """End the iteration between messages (cooperative; safe from any task).
@@ -457,6 +481,7 @@ class Subscription(AsyncResource, Generic[T]):
         if ledger is None or settler is None or not self._inflight.pop(message, False):
             return
         ledger.nacked += 1
+        ledger.per_channel[message.channel][1] += 1
         if message.deliveries >= self.max_deliveries:
             text = _describe(error) or "nacked"
             settler.dead_letter(message, f"{text} (after {message.deliveries} deliveries)")
@@ -491,6 +516,37 @@ class Subscription(AsyncResource, Generic[T]):
             trimmed=settler.trimmed,
             reconnects=self._reconnects + sum(r.reconnects for r in self._readers),
         )
+
+    def channel_statistics(self) -> dict[str, ChannelStatistics]:
+        """The counts of :meth:`statistics` for each channel of a merged subscription
+        (``acked``: acks that reached the server; the others as in :meth:`statistics`)."""
+        ledger, settler = self._ledger, self._settler
+        if ledger is None or settler is None:
+            return {c.name: ChannelStatistics(*([0] * 10)) for c in self.channels}
+        held: dict[str, list[int]] = {name: [0, 0, 0] for name in ledger.per_channel}
+        for m in ledger.buffer:
+            held[m.channel][0] += 1
+        for m in ledger.inflight:
+            held[m.channel][1] += 1
+        for _, _, m in ledger.retry:
+            held[m.channel][2] += 1
+        out = {}
+        for name, (delivered, nacked, claimed, released) in ledger.per_channel.items():
+            acked, dead, trimmed = settler.per_channel[name]
+            buffered, in_flight, retrying = held[name]
+            out[name] = ChannelStatistics(
+                buffered,
+                in_flight,
+                retrying,
+                delivered,
+                acked,
+                nacked,
+                dead,
+                claimed,
+                released,
+                trimmed,
+            )
+        return out
 
     # -- internals ----------------------------------------------------------------------------
 

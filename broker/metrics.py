@@ -20,7 +20,7 @@ made on that loop itself reads the statistics but keeps the last sample.
 
 Labels: ``namespace``, ``channel``, ``group`` (and ``consumer`` with ``consumer_label=True``);
 never message ids. A subscription over several channels reports its counters under
-``channel="a,b"`` (its statistics are not kept per channel); the handler metrics and the
+one series per channel (from ``Subscription.channel_statistics()``); the handler metrics and the
 sampled ones are per channel.
 """
 
@@ -116,9 +116,18 @@ class _Tracked:
     """A subscription or a broker, with its labels and its event loop."""
 
     def __init__(
-        self, obj: Any, labels: _Labels, loop: asyncio.AbstractEventLoop | None, *, sub: bool
+        self,
+        obj: Any,
+        labels: _Labels,
+        loop: asyncio.AbstractEventLoop | None,
+        *,
+        sub: bool,
+        channel: str | None = None,
     ) -> None:
         self.obj, self.labels, self.loop, self.sub = obj, labels, loop, sub
+        #: one channel of a merged subscription (its counts come from channel_statistics())
+        self.channel = channel
+        self.key: tuple[int, str | None] = (id(obj), channel)
         self.last: dict[str, int] = {}
 
 
@@ -138,7 +147,7 @@ class BrokerCollector(Collector):
         self.max_sampled = max_sampled
         self.consumer_label = consumer_label
         self._lock = threading.Lock()
-        self._subs: dict[int, _Tracked] = {}
+        self._subs: dict[tuple[int, str | None], _Tracked] = {}
         self._brokers: dict[int, _Tracked] = {}
         #: final counts of closed subscriptions / brokers, per label set
         self._retired: dict[_Labels, dict[str, int]] = {}
@@ -167,16 +176,26 @@ class BrokerCollector(Collector):
                 self._retire_broker(tracked, _publisher_counts(b))
             for key, sub in list(self._subs.items()):  # a backstop: its subscriptions are over
                 if sub.obj.broker is b:
-                    self._retire(key, _sub_counts(sub.obj))
+                    self._retire(key, _sub_counts(sub))
 
     def subscription(self, sub: Subscription[Any]) -> None:
-        channel = ",".join(sorted(c.name for c in sub.channels))
-        labels: _Labels = (sub.broker.settings.namespace, channel, sub.group)
-        if self.consumer_label:
-            labels += (sub.consumer,)
+        names = [c.name for c in sub.channels]
+        merged = len(names) > 1
         with self._lock:
             self._sweep()
-            self._subs[id(sub)] = _Tracked(sub, labels, _loop(), sub=True)
+            for name in names:
+                labels: _Labels = (sub.broker.settings.namespace, name, sub.group)
+                if self.consumer_label:
+                    labels += (sub.consumer,)
+                tracked = _Tracked(sub, labels, _loop(), sub=True, channel=name if merged else None)
+                self._subs[tracked.key] = tracked
+
+    def subscription_closed(self, sub: Subscription[Any]) -> None:
+        """Fold a closed subscription's final counts into the totals."""
+        with self._lock:
+            for key, tracked in list(self._subs.items()):
+                if tracked.obj is sub:
+                    self._retire(key, _sub_counts(tracked))
 
     def published(self, namespace: str, channel: str, n: int) -> None:
         with self._lock:
@@ -198,9 +217,9 @@ class BrokerCollector(Collector):
         """Fold subscriptions that closed into the totals and forget them."""
         for key, tracked in list(self._subs.items()):
             if _closed(tracked.obj):
-                self._retire(key, _sub_counts(tracked.obj))
+                self._retire(key, _sub_counts(tracked))
 
-    def _retire(self, key: int, counts: dict[str, int]) -> None:
+    def _retire(self, key: tuple[int, str | None], counts: dict[str, int]) -> None:
         tracked = self._subs.pop(key)
         total = self._retired.setdefault(tracked.labels, {})
         for name, value in counts.items():
@@ -323,7 +342,7 @@ class BrokerCollector(Collector):
             }
             live: dict[_Labels, dict[str, int]] = {}
             for t in subs:
-                if self._subs.get(id(t.obj)) is not t:
+                if self._subs.get(t.key) is not t:
                     continue  # retired since this scrape began: already in the totals
                 into = counts.setdefault(t.labels, {})
                 for name, value in t.last.items():
@@ -347,7 +366,7 @@ class BrokerCollector(Collector):
             watched = {
                 (t.obj.broker.settings.namespace, c.name, t.obj.group)
                 for t in subs
-                if self._subs.get(id(t.obj)) is t
+                if self._subs.get(t.key) is t
                 for c in t.obj.channels
             }
             groups = {k: v for k, v in self._groups.items() if k in watched}
@@ -484,13 +503,20 @@ def _on(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 def _closed(sub: Any) -> bool:
-    # TODO(lead): a close hook in Subscription.aclose would replace this look at a private flag
-    return bool(getattr(sub, "_closed", False))
+    # closed subscriptions are retired by subscription_closed(); this is the backstop for one
+    # that never got there (its task cancelled midway)
+    return bool(getattr(sub, "_closed", False)) and getattr(sub, "_tasks", None) is None
 
 
-def _sub_counts(sub: Subscription[Any]) -> dict[str, int]:
-    s = sub.statistics()
-    return {field: getattr(s, field) for field, _, _ in _COUNTERS}
+def _stats(t: _Tracked) -> Any:
+    if t.channel is None:
+        return t.obj.statistics()
+    return t.obj.channel_statistics()[t.channel]
+
+
+def _sub_counts(t: _Tracked) -> dict[str, int]:
+    s = _stats(t)
+    return {field: getattr(s, field, 0) for field, _, _ in _COUNTERS}
 
 
 def _publisher_counts(b: Broker) -> dict[str, int]:
@@ -504,10 +530,10 @@ def _publisher_counts(b: Broker) -> dict[str, int]:
 def _read_now(objs: list[_Tracked]) -> None:
     for t in objs:
         if t.sub:
-            s = t.obj.statistics()
+            s = _stats(t)
             t.last = {
-                **{field: getattr(s, field) for field, _, _ in _COUNTERS},
-                **{field: getattr(s, field) for field, _, _ in _GAUGES},
+                **{field: getattr(s, field, 0) for field, _, _ in _COUNTERS},
+                **{field: getattr(s, field, 0) for field, _, _ in _GAUGES},
             }
         else:
             t.last = _publisher_counts(t.obj)
