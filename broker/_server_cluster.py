@@ -135,6 +135,25 @@ class EmbeddedCluster:
                     return n
         raise LookupError(f"no running primary owns slot {slot}")
 
+    def migrate_slot(self, slot: int, target: EmbeddedServer, batch: int = 10) -> int:
+        """Move ``slot`` to ``target`` (a primary) as ``redis-cli --cluster reshard`` does:
+        mark it importing and migrating, ``MIGRATE`` its keys in batches, then give it to the
+        target on every primary. Returns the number of keys moved."""
+        source = self.node_of_slot(slot)
+        if source is target:
+            return 0
+        src_id = _call(source.port, "CLUSTER", "MYID").decode()
+        dst_id = _call(target.port, "CLUSTER", "MYID").decode()
+        _call(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        _call(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
+        while keys := _call(source.port, "CLUSTER", "GETKEYSINSLOT", slot, batch):
+            _call(source.port, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        for node in [target, source, *(n for n in self.primaries() if n not in (target, source))]:
+            _call(node.port, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()

@@ -53,10 +53,15 @@ class GroupCalls:
             # NOGROUP: group or stream gone; UNBLOCKED: the stream was deleted under a
             # blocked read (Redis 7)
             if str(exc).startswith(("NOGROUP", "UNBLOCKED")):
-                missing = next((s for s in self.streams if f"'{s.key}'" in str(exc)), stream)
+                named = next((s for s in self.streams if f"'{s.key}'" in str(exc)), stream)
+                # ask the server which stream lost its group (the answer to a blocked
+                # multi-stream read names no key); on a cluster, a stream whose slot moved to
+                # another node unblocks its readers too, and still has its group there
+                missing = await self.without_group([named] if named else self.streams)
                 if missing is None:
-                    # the answer to a blocked multi-stream read names no key: ask the server
-                    missing = await self.without_group()
+                    raise ConnectionLostError(
+                        f"read interrupted ({exc}); every group is still there (a slot moved?)"
+                    ) from exc
                 raise GroupMissingError(missing.channel, self.group) from exc
             raise
 
@@ -66,11 +71,11 @@ class GroupCalls:
         refresh = link.topology.refresh if link.topology.single is None else None
         return await retrying(lambda: self.call(fn, stream), link.settings.retry, refresh=refresh)
 
-    async def without_group(self) -> Stream:
-        """The first stream whose key or group is gone (a user recreates the group from
-        ``GroupMissingError.channel``); the first stream if none is, or if we cannot tell."""
+    async def without_group(self, streams: list[Stream]) -> Stream | None:
+        """The first of ``streams`` whose key or group is gone (a user recreates the group from
+        ``GroupMissingError.channel``); None if none is; the first if we cannot tell."""
         r = self.link.redis
-        for stream in self.streams:
+        for stream in streams:
             try:
                 with map_redis_errors(stream.channel):
                     async with asyncio.timeout(self.link.settings.connect_timeout):
@@ -82,7 +87,9 @@ class GroupCalls:
             names = {_text(g["name"]) for g in groups}
             if self.group not in names:
                 return stream
-        return self.streams[0]
+        else:
+            return None
+        return streams[0]
 
 
 @dataclasses.dataclass(slots=True)

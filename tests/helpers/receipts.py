@@ -45,7 +45,15 @@ def _redis() -> aioredis.Redis:
         if not url:
             raise RuntimeError("set RECEIPTS_URL or BROKER_URL for tests.helpers.receipts")
         # bounded waits: a handler stuck on a cut link is released once the link is back
-        _client = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+        options: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30}
+        if url.startswith("redis+cluster://"):
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            hosts = url.split("://", 1)[1].split("/")[0].split(",")
+            nodes = [ClusterNode(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in hosts]
+            _client = RedisCluster(startup_nodes=nodes, **options)  # type: ignore[assignment]
+        else:
+            _client = aioredis.Redis.from_url(url, **options)
     return _client
 
 
