@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ._errors import BrokerError, ConnectionLostError
@@ -36,6 +36,7 @@ from ._ledger import Ledger
 from ._pubsub import Listener
 from ._resource import cancel_and_wait
 from ._retry import no_reply
+from ._scripts import UNREAD
 from ._settle import GroupCalls, Settler
 from ._stream import Stream, decode_entry
 from ._topology import Link, Topology, routing_error, slot_of
@@ -127,6 +128,7 @@ class Reader:
         keys = [s.key.encode() for s in streams]
         self._read_head = b"*%d\r\n" % (len(head) + 5 + 2 * len(keys)) + b"".join(map(bulk, head))
         self._read_tail = b"".join(map(bulk, (b"STREAMS", *keys, *(b">" for _ in keys))))
+        self._claim_head = bulk(options.group.encode()) + bulk(options.consumer.encode())
 
     @property
     def hungry(self) -> bool:
@@ -233,10 +235,10 @@ class Reader:
                     started += block  # the server may hold the read this long
                     await self._read_new(room, limit, block)
                 else:
-                    if time.monotonic() >= next_poll:
-                        self._dirty.update(st.key for st in self.streams)
-                        next_poll = time.monotonic() + self.options.block
                     async with _bounded(limit):
+                        if time.monotonic() >= next_poll:
+                            await self._poll()
+                            next_poll = time.monotonic() + self.options.block
                         await self._read_rung(room)
                 backoff.reset()
             except ConnectionLostError as exc:
@@ -316,32 +318,33 @@ class Reader:
         return (streams[start:] + streams[:start])[:room], 1
 
     async def _claim(self, room: int) -> None:
-        """``XAUTOCLAIM`` on every stream, pipelined: entries idle longer than ``claim_idle``
-        (left by a dead or stuck consumer, or released by a stopping one)."""
-        r = self.link.redis
-        idle_ms = int(self.options.claim_idle * 1000)
+        """``XAUTOCLAIM`` on every stream, in one round trip: entries idle longer than
+        ``claim_idle`` (left by a dead or stuck consumer, or released by a stopping one).
+        Packed here like the reads: over many streams, redis-py's pipeline would cost more
+        than everything else a quiet subscription does."""
+        idle = b"%d" % int(self.options.claim_idle * 1000)
         cursors = self._claim_cursors
         streams, per_stream = self._split(room, self.streams)
-
-        async def claim() -> list[Any]:
-            pipe = r.pipeline(transaction=False)
-            for s in streams:
-                pipe.xautoclaim(
-                    s.key,
-                    self.options.group,
-                    self.options.consumer,
-                    idle_ms,
-                    cursors.get(s.key, "0-0"),
-                    count=per_stream,
-                )
-            return list(await pipe.execute())
-
+        count = b"%d" % per_stream
+        head = self._claim_head
+        payload = b"".join(
+            b"*8\r\n$10\r\nXAUTOCLAIM\r\n%b%b%b%b$5\r\nCOUNT\r\n%b"
+            % (bulk(s.key.encode()), head, bulk(idle), bulk(cursors.get(s.key, "0-0").encode()),
+               bulk(count))
+            for s in streams
+        )  # fmt: skip
         self.ledger.read_cancelled = True  # a cancel mid-call may leave entries we never saw
-        replies = await self.calls.call(claim)
+        replies = await self.calls.call(lambda: self.wire.execute(payload, len(streams)))
         self.ledger.read_cancelled = False
         for stream, reply in zip(streams, replies, strict=True):
+            if isinstance(reply, BaseException):
+                kind = routing_error(reply)
+                if kind is not None:  # the slot moved or its node failed over
+                    raise ConnectionLostError(f"{kind} from {self.wire.name}") from reply
+                await self.calls.call(_raise(reply), stream)
+                continue
             cursors[stream.key] = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
-            entries = [e for e in reply[1] if e[0] is not None]
+            entries = [e for e in reply[1] if e is not None and e[0] is not None]
             if len(reply) > 2 and reply[2]:
                 # Redis 7 drops trimmed entries from the pending list while it scans
                 self.settler.note_trimmed(stream, [i.decode() for i in reply[2]], ack=False)
@@ -379,6 +382,32 @@ class Reader:
                 await self._rung.wait()
         except TimeoutError:
             pass
+
+    async def _poll(self) -> None:
+        """Mark the streams that have unread entries (one script per slot group, in one round
+        trip on this node's wire): an entry whose bell was lost, or never rung, waits at most
+        one poll, and nothing is read (or held) to find out."""
+        group = self.options.group.encode()
+        payload = b"".join(
+            pack(b"EVALSHA", UNREAD.sha, len(g), *(st.key for st in g), group)
+            for g in self.slot_groups
+        )
+        n = len(self.slot_groups)
+        replies = await self.calls.call(lambda: self.wire.execute(payload, n))
+        if any(_no_script(r) for r in replies):  # a restarted or new node: load it there
+            await self.calls.call(
+                lambda: self.wire.execute(pack(b"SCRIPT", b"LOAD", UNREAD.source), 1)
+            )
+            replies = await self.calls.call(lambda: self.wire.execute(payload, n))
+        for g, found in zip(self.slot_groups, replies, strict=True):
+            if isinstance(found, BaseException):
+                kind = routing_error(found)
+                if kind is not None:
+                    raise ConnectionLostError(f"{kind} from {self.wire.name}") from found
+                await self.calls.call(_raise(found))
+                continue
+            self._dirty.update(g[int(i) - 1].key for i in found)
+        self._polled = True
 
     async def _read_rung(self, room: int) -> None:
         """Read the streams rung (or all, at a poll) without blocking, one round trip; a stream
@@ -491,6 +520,21 @@ class Reader:
             self.settler.dead_letter(msg, msg.error)
         else:  # deleted before we read it: nothing left to deliver
             self.settler.note_trimmed(stream, [msg.id])
+
+
+def _no_script(reply: object) -> bool:
+    return isinstance(reply, BaseException) and (
+        "NOSCRIPT" in str(reply) or "No matching script" in str(reply)
+    )
+
+
+def _raise(error: BaseException) -> Callable[[], Awaitable[None]]:
+    """A call that raises ``error``: passed through the group calls' error boundary."""
+
+    async def fail() -> None:
+        raise error
+
+    return fail
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis.exceptions as rex
 
-__all__ = ["DEAD_LETTER", "PRUNE_CONSUMER", "REPLAY_DEAD", "Script"]
+__all__ = ["DEAD_LETTER", "PRUNE_CONSUMER", "REPLAY_DEAD", "UNREAD", "Script"]
 
 
 class Script:
@@ -83,5 +83,46 @@ for _, c in ipairs(consumers) do
   end
 end
 return 0
+"""
+)
+
+#: KEYS: streams (one slot). ARGV: group.
+#: The 1-based indexes of the streams that have entries after the group's last-delivered id,
+#: or no such group (the read that follows then reports it): the question a subscription's
+#: poll asks, answered without reading (and so without holding) anything.
+UNREAD = Script(
+    """
+local function newer(a, b)
+  local ams, aseq = string.match(a, '(%d+)-(%d+)')
+  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams > bms end
+  return tonumber(aseq) > tonumber(bseq)
+end
+local out = {}
+for i, key in ipairs(KEYS) do
+  local groups = redis.pcall('XINFO', 'GROUPS', key)
+  if groups['err'] then
+    out[#out + 1] = i
+  else
+    local last = nil
+    for _, g in ipairs(groups) do
+      local name, delivered
+      for j = 1, #g, 2 do
+        if g[j] == 'name' then name = g[j + 1] elseif g[j] == 'last-delivered-id' then
+          delivered = g[j + 1]
+        end
+      end
+      if name == ARGV[1] then last = delivered end
+    end
+    if last == nil then
+      out[#out + 1] = i
+    else
+      local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+      if #newest > 0 and newer(newest[1][1], last) then out[#out + 1] = i end
+    end
+  end
+end
+return out
 """
 )

@@ -89,8 +89,8 @@ def _server(config: Config) -> Iterator[str]:
 @click.option(
     "--only",
     metavar="LIST",
-    help="Comma-separated scenarios: publish, consume, latency, memory, processes, raw, lib, "
-    "faststream, or ids like lib.iterate. Default: all.",
+    help="Comma-separated scenarios: publish, consume, latency, memory, processes, cluster, "
+    "channels, raw, lib, faststream, or ids like lib.iterate. Default: all.",
 )
 @click.option(
     "--faststream/--no-faststream",
@@ -126,6 +126,17 @@ def _server(config: Config) -> Iterator[str]:
     help="Backlog drained by the consumer processes.",
 )
 @click.option(
+    "--cluster-url",
+    metavar="URL",
+    help="The cluster scenario's cluster (redis+cluster://...); default: a private one.",
+)
+@click.option(
+    "--channel-counts",
+    default="1,100,1000",
+    show_default=True,
+    help="Channel counts of the many-channels scenario.",
+)
+@click.option(
     "--quick", is_flag=True, help="Tiny sizes and one repetition (unless given): a smoke test."
 )
 @click.option("--json", "json_only", is_flag=True, help="Print only the JSON line.")
@@ -149,6 +160,8 @@ def bench(
     handler_ms: float,
     process_counts: str,
     process_messages: int | None,
+    cluster_url: str | None,
+    channel_counts: str,
     quick: bool,
     json_only: bool,
 ) -> None:
@@ -197,6 +210,10 @@ def bench(
         processes=_ints(process_counts, "--processes"),
         process_messages=int(pick(process_messages, 200_000, 5_000)),
         uvloop=loop.startswith("uvloop"),
+        cluster_url=cluster_url,
+        cluster_messages=int(pick(None, 50_000, 1_000)),
+        channel_counts=_ints(channel_counts, "--channel-counts"),
+        channel_messages=int(pick(None, 2_000, 200)),
     )
 
     def progress(text: str) -> None:

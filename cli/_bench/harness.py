@@ -17,7 +17,7 @@ from typing import Any
 import broker
 
 from . import faststream as fs
-from . import latency, library, processes, raw
+from . import latency, library, processes, raw, scale
 from .common import (
     Run,
     Summary,
@@ -48,8 +48,11 @@ GROUPS: dict[str, list[str]] = {
     "latency": ["latency"],
     "memory": ["memory"],
     "processes": ["processes"],
+    # scaling out (issue 13): a cluster against one server; many channels in a subscription
+    "cluster": ["cluster"],
+    "channels": ["channels"],
 }
-ALL = [*THROUGHPUT, "latency", "memory", "processes"]
+ALL = [*THROUGHPUT, "latency", "memory", "processes", "cluster", "channels"]
 
 
 def select(only: str | None) -> list[str]:
@@ -94,6 +97,13 @@ class Options:
     processes: tuple[int, ...] = (1, 2, 4)
     process_messages: int = 200_000
     uvloop: bool = False
+    #: the cluster scenario: a cluster's URL (None: a private one is started)
+    cluster_url: str | None = None
+    cluster_messages: int = 50_000
+    #: the many-channels scenario
+    channel_counts: tuple[int, ...] = (1, 100, 1000)
+    channel_messages: int = 2_000
+    channel_rate: int = 1000
 
     @property
     def chunk_prefetch(self) -> int:
@@ -111,6 +121,8 @@ class Results:
     memory: list[processes.Memory] = dataclasses.field(default_factory=list)
     processes: dict[int, Summary] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    cluster: scale.ClusterResult | None = None
+    channels: list[scale.ChannelsResult] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -247,6 +259,28 @@ async def run(url: str, opts: Options, note: Note, prefix: str = "broker") -> Re
                 await _memory(ctx, results, note)
             if "processes" in wanted:
                 await _processes(ctx, results, note)
+        if "cluster" in wanted:
+            results.cluster = await _step(
+                note,
+                "cluster against one server",
+                lambda: scale.run_cluster(
+                    url, opts.cluster_url, opts.cluster_messages, opts.repeat, note
+                ),
+            )
+        if "channels" in wanted:
+            results.channels = await _step(
+                note,
+                "many channels in one subscription",
+                lambda: scale.run_channels(
+                    url,
+                    opts.channel_counts,
+                    opts.channel_messages,
+                    opts.channel_rate,
+                    max(1, min(opts.repeat, 3)),
+                    note,
+                    idle_seconds=3.0 if opts.channel_messages >= 1000 else 0.5,
+                ),
+            )
         results.seconds = time.perf_counter() - started
         return results
     finally:

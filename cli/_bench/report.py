@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+from . import scale
 from .harness import CONSUME, PUBLISH, Results
 from .latency import Latency
 
@@ -264,6 +265,22 @@ def table(res: Results) -> str:
         for k, s in sorted(res.processes.items()):
             rel = s.rate / one.rate if one and one.rate else None
             lines.append(f"| {k} | {_x(rel)} | {s.rate:,.0f} | {s.cpu_us:.1f} |")
+    if res.cluster is not None:
+        lines += [
+            "",
+            f"### A cluster (3 primaries, 3 replicas) against one server: a channel of "
+            f"{scale.PARTITIONS} partitions, keyed messages, {o.cluster_messages:,} per path",
+            "",
+            scale.cluster_table(res.cluster),
+        ]
+    if res.channels:
+        lines += [
+            "",
+            f"### Many channels in one subscription: one of them receives {o.channel_messages:,} "
+            f"messages at {o.channel_rate:,}/s (publisher in the same process)",
+            "",
+            scale.channels_table(res.channels),
+        ]
     return "\n".join(lines)
 
 
@@ -294,6 +311,8 @@ def json_line(res: Results) -> str:
         "memory": [m.to_json() for m in res.memory],
         "processes": {str(k): s.to_json() for k, s in res.processes.items()},
         "targets": [dataclasses.asdict(t) for t in targets(res)],
+        "cluster": None if res.cluster is None else res.cluster.to_json(),
+        "channels": [c.to_json() for c in res.channels],
         "seconds": round(res.seconds, 1),
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)

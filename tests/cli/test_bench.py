@@ -13,6 +13,7 @@ from .conftest import assert_clean
 QUICK = (
     "bench", "--quick", "--no-faststream", "--processes", "1,2", "--rates", "1000",
     "--latency-seconds", "0.2", "--memory-seconds", "0.3", "--backlog", "3000",
+    "--channel-counts", "1,20",
 )  # fmt: skip
 
 
@@ -23,8 +24,14 @@ async def test_quick_run_prints_tables_then_one_json_line(sh, raw, namespace) ->
     *tables, last = done.out.strip().splitlines()
     doc = json.loads(last)
     text = "\n".join(tables)
-    for heading in ("### Targets", "### Throughput", "### Latency", "### Memory", "### Consumer"):
+    for heading in ("### Targets", "### Throughput", "### Latency", "### Memory", "### Consumer",
+                    "### A cluster", "### Many channels"):  # fmt: skip
         assert heading in text, text
+    assert set(doc["cluster"]["paths"]) == {
+        "publish_many (keys)", "publish() from tasks (keys)", "chunks(1000) + ack(batch)"
+    }  # fmt: skip
+    assert len(doc["cluster"]["spread"]) == 3  # one count per primary
+    assert [c["channels"] for c in doc["channels"]] == [1, 20]
     assert "| concurrent `publish()` from 1000 tasks | ≥ 0.8 x raw pipelined XADD |" in text
     assert "disabled (--no-faststream)" in text
     through = doc["throughput"]
