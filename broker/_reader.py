@@ -113,6 +113,8 @@ class Reader:
             by_slot.setdefault(slot_of(st.key) if cluster else 0, []).append(st)
         #: the streams by what one command may name together (all of them on one server)
         self.slot_groups = list(by_slot.values())
+        self._group_of = {st.key: i for i, g in enumerate(self.slot_groups) for st in g}
+        self._stream_of = {st.key: st for st in streams}
         self.blocking = len(self.slot_groups) == 1 and len(streams) <= BLOCKING_STREAMS
         #: the last blocking read drained the streams: the next one waits for new entries
         self._drained = False
@@ -265,11 +267,12 @@ class Reader:
     def _nonblocking_reads(self, positions: dict[str, str], count: int) -> tuple[bytes, int]:
         """``XREADGROUP ... COUNT count STREAMS ...`` for the given streams and ids, one command
         per slot group (a cluster refuses one across slots), as one payload."""
+        by_group: dict[int, list[str]] = {}
+        group_of = self._group_of
+        for key in positions:  # the streams asked for, not every stream of the reader
+            by_group.setdefault(group_of[key], []).append(key)
         parts = []
-        for group in self.slot_groups:
-            keys = [st.key for st in group if st.key in positions]
-            if not keys:
-                continue
+        for keys in by_group.values():
             args: list[bytes | str | int] = [b"XREADGROUP", b"GROUP", self.options.group]
             args += [self.options.consumer, b"COUNT", count, b"STREAMS", *keys]
             args += [positions[k] for k in keys]
@@ -412,7 +415,8 @@ class Reader:
     async def _read_rung(self, room: int) -> None:
         """Read the streams rung (or all, at a poll) without blocking, one round trip; a stream
         that gave a full page stays rung (there may be more)."""
-        rung = [st for st in self.streams if st.key in self._dirty]
+        streams = self._stream_of
+        rung = [streams[key] for key in self._dirty]  # the rung ones, not every stream
         self._dirty.clear()
         if not rung:
             return
