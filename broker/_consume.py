@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import _observe
 from ._names import semaphore_key
@@ -15,13 +15,25 @@ from ._semaphore import GroupSemaphore
 if TYPE_CHECKING:
     from ._message import Message
     from ._stop import StopToken
-    from ._subscription import Subscription
+    from ._topology import Link
 
 __all__ = ["check_limits", "default_prefetch", "run_consumer"]
 
 log = logging.getLogger("broker.consume")
 T = TypeVar("T")
 Handler = Callable[["Message[T]"], Awaitable[Any]]
+
+
+class Consumable(Protocol[T]):
+    """What :func:`run_consumer` needs of a subscription."""
+
+    link: Link
+    group: str
+    channels: Any
+
+    def stop(self) -> None: ...
+
+    def __anext__(self) -> Awaitable[Message[T]]: ...
 
 
 def default_prefetch(concurrency: int, read_ahead: int | None = None) -> int:
@@ -46,7 +58,7 @@ def check_limits(concurrency: int, group_concurrency: int | None, lease: float) 
 
 
 async def run_consumer(
-    sub: Subscription[T],
+    sub: Consumable[T],
     handler: Handler[T],
     *,
     concurrency: int,

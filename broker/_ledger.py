@@ -24,10 +24,11 @@ import logging
 import time
 from typing import Any, Generic, TypeVar
 
+from ._decode import decode_entry
 from ._errors import ConnectionLostError
 from ._message import Message, Settles
 from ._settle import GroupCalls, Settler
-from ._stream import Stream, decode_entry
+from ._stream import Stream
 from ._topology import Link
 
 __all__ = ["RELEASE_IDLE_MS", "Ledger"]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ._channel import Channel
     from ._message import Message
     from ._subscription import Subscription
+    from ._topology import Link
 
 __all__ = [
     "Sink",
@@ -153,8 +154,15 @@ async def publish_many(
 # -- consuming ---------------------------------------------------------------------------------
 
 
+class Consuming(Protocol):
+    """What :func:`instrument_handler` needs of the subscription it consumes."""
+
+    link: Link
+    group: str
+
+
 def instrument_handler(
-    handler: Callable[[Message[T]], Awaitable[Any]], sub: Subscription[T]
+    handler: Callable[[Message[T]], Awaitable[Any]], sub: Consuming
 ) -> Callable[[Message[T]], Awaitable[Any]]:
     """``handler`` run in a consumer span and timed, or ``handler`` itself when, as consumption
     starts, metrics are off and no OpenTelemetry tracer provider is configured.
@@ -167,7 +175,7 @@ def instrument_handler(
         tr = None
     if sink is None and tr is None:
         return handler
-    namespace, group = sub.broker.settings.namespace, sub.group
+    namespace, group = sub.link.settings.namespace, sub.group
 
     async def observed(msg: Message[T]) -> Any:
         started = time.perf_counter()

@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from ._decode import decode_entry
 from ._errors import BrokerError, ConnectionLostError
 from ._ledger import Ledger
 from ._pubsub import Listener
@@ -38,7 +39,7 @@ from ._resource import cancel_and_wait
 from ._retry import no_reply
 from ._scripts import UNREAD
 from ._settle import GroupCalls, Settler
-from ._stream import Stream, decode_entry
+from ._stream import Stream
 from ._topology import Link, Topology, routing_error, slot_of
 from ._wire import Wire, bulk, pack
 

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import msgpack
 
@@ -40,6 +40,18 @@ T = TypeVar("T")
 def stop_key(namespace: str, name: str) -> str:
     """The key (and pub/sub channel) of stop ``name``."""
     return f"{namespace}:stop:{{{name}}}"
+
+
+@runtime_checkable
+class Cooperative(Protocol):
+    """A stream that ends between items on ``stop()`` and loses nothing it fetched (a
+    :class:`Subscription`)."""
+
+    def stop(self) -> None: ...
+
+    def statistics(self) -> Any: ...
+
+    def __anext__(self) -> Any: ...
 
 
 class StopToken:
@@ -93,9 +105,7 @@ class StopToken:
         fetched is lost. Any other async iterable is raced against the token: an item whose
         read was in progress when the token fired is abandoned with that read.
         """
-        from ._subscription import Subscription
-
-        if isinstance(stream, Subscription):
+        if isinstance(stream, Cooperative):
             remove = self.on_stop(lambda _: stream.stop())
             return _Detaching(stream, remove)
         return _race(stream, self)

@@ -1,5 +1,4 @@
-"""One Redis stream of a channel (a channel with P partitions has P of them), and the decoding
-of its entries into messages.
+"""One Redis stream of a channel (a channel with P partitions has P of them).
 
 A :class:`Stream` is what subscriptions, tails and settlements work on: they never need the
 channel object, only the keys, the codec and the payload bound.
@@ -8,12 +7,10 @@ channel object, only the keys, the codec and the payload bound.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-from ._codec import Codec, fast_decoder, unpack_headers
-from ._message import Message, Settles
+from ._codec import Codec
 
-__all__ = ["Stream", "decode_entry"]
+__all__ = ["Stream"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False, slots=True)
@@ -30,69 +27,3 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"<Stream {self.key}>"
-
-
-def decode_entry(
-    stream: Stream,
-    entry_id: str,
-    fields: dict[bytes, bytes] | list[bytes] | None,
-    deliveries: int = 1,
-    owner: Settles | None = None,
-) -> Message[Any]:
-    """Build a message from raw fields (a dict, or the server's flat list); a decode failure is
-    reported in ``message.error``, never raised."""
-    if isinstance(fields, list):
-        if len(fields) == 2 and fields[0] == b"d":  # what publish() writes: the fast path
-            payload = fields[1]
-            if len(payload) <= stream.max_payload:
-                try:
-                    data = fast_decoder(stream.codec)(payload)
-                except Exception:  # the general path below reports it
-                    pass
-                else:
-                    return Message(
-                        entry_id,
-                        stream.channel,
-                        data,
-                        {},
-                        deliveries,
-                        False,
-                        None,
-                        {b"d": payload},
-                        owner,
-                        stream,
-                    )
-        fields = dict(zip(fields[::2], fields[1::2], strict=False))
-    return _decode_fields(stream, entry_id, fields or {}, deliveries, owner)
-
-
-def _decode_fields(
-    stream: Stream,
-    entry_id: str,
-    fields: dict[bytes, bytes],
-    deliveries: int,
-    owner: Settles | None,
-) -> Message[Any]:
-    payload = fields.get(b"d")
-    name = stream.channel
-    if payload is None:
-        data: Any = {k.decode(errors="replace"): _maybe_text(v) for k, v in fields.items()}
-        return Message(entry_id, name, data, {}, deliveries, True, None, fields, owner, stream)
-    try:
-        if len(payload) > stream.max_payload:
-            raise ValueError(
-                f"payload of {len(payload)} bytes exceeds max_payload ({stream.max_payload})"
-            )
-        data = stream.codec.decode(payload)
-        headers = unpack_headers(fields.get(b"h"))
-    except Exception as exc:  # a codec may raise anything on hostile input (RecursionError...)
-        error = f"{stream.codec.name}: {exc}"
-        return Message(entry_id, name, None, {}, deliveries, False, error, fields, owner, stream)
-    return Message(entry_id, name, data, headers, deliveries, False, None, fields, owner, stream)
-
-
-def _maybe_text(value: bytes) -> str | bytes:
-    try:
-        return value.decode()
-    except UnicodeDecodeError:
-        return value

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ._decode import decode_entry
 from ._errors import ConfigurationError
 from ._message import Message
 from ._resource import AsyncResource
 from ._retry import retrying
-from ._stream import Stream, decode_entry
+from ._stream import Stream
 from ._topology import Link, slot_of
 
 if TYPE_CHECKING:

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 import broker
 from broker._codec import fast_decoder, get_codec, unpack_headers
-from broker._stream import Stream, decode_entry
+from broker._decode import decode_entry
+from broker._stream import Stream
 from tests.fuzz.conftest import BUDGET, Examples, run_for
 
 # -- payloads -----------------------------------------------------------------------------------

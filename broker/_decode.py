@@ -1,0 +1,82 @@
+"""Entries of a stream as messages: the one place raw fields become a :class:`Message`.
+
+A decode failure is reported in ``message.error``, never raised: a subscription dead-letters
+such an entry, a tail hands it out; a foreign entry (no ``d`` field) arrives as a dict of its
+fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._codec import fast_decoder, unpack_headers
+from ._message import Message, Settles
+from ._stream import Stream
+
+__all__ = ["decode_entry"]
+
+
+def decode_entry(
+    stream: Stream,
+    entry_id: str,
+    fields: dict[bytes, bytes] | list[bytes] | None,
+    deliveries: int = 1,
+    owner: Settles | None = None,
+) -> Message[Any]:
+    """Build a message from raw fields (a dict, or the server's flat list); a decode failure is
+    reported in ``message.error``, never raised."""
+    if isinstance(fields, list):
+        if len(fields) == 2 and fields[0] == b"d":  # what publish() writes: the fast path
+            payload = fields[1]
+            if len(payload) <= stream.max_payload:
+                try:
+                    data = fast_decoder(stream.codec)(payload)
+                except Exception:  # the general path below reports it
+                    pass
+                else:
+                    return Message(
+                        entry_id,
+                        stream.channel,
+                        data,
+                        {},
+                        deliveries,
+                        False,
+                        None,
+                        {b"d": payload},
+                        owner,
+                        stream,
+                    )
+        fields = dict(zip(fields[::2], fields[1::2], strict=False))
+    return _decode_fields(stream, entry_id, fields or {}, deliveries, owner)
+
+
+def _decode_fields(
+    stream: Stream,
+    entry_id: str,
+    fields: dict[bytes, bytes],
+    deliveries: int,
+    owner: Settles | None,
+) -> Message[Any]:
+    payload = fields.get(b"d")
+    name = stream.channel
+    if payload is None:
+        data: Any = {k.decode(errors="replace"): _maybe_text(v) for k, v in fields.items()}
+        return Message(entry_id, name, data, {}, deliveries, True, None, fields, owner, stream)
+    try:
+        if len(payload) > stream.max_payload:
+            raise ValueError(
+                f"payload of {len(payload)} bytes exceeds max_payload ({stream.max_payload})"
+            )
+        data = stream.codec.decode(payload)
+        headers = unpack_headers(fields.get(b"h"))
+    except Exception as exc:  # a codec may raise anything on hostile input (RecursionError...)
+        error = f"{stream.codec.name}: {exc}"
+        return Message(entry_id, name, None, {}, deliveries, False, error, fields, owner, stream)
+    return Message(entry_id, name, data, headers, deliveries, False, None, fields, owner, stream)
+
+
+def _maybe_text(value: bytes) -> str | bytes:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value
