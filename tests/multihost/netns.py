@@ -24,6 +24,13 @@ disabled and the host side loses carrier, so every packet either way is dropped 
 connections stall (nobody sends a RST or an ICMP error) and resume by retransmission when the
 link comes back, as on a real network partition. Setting the host-side end down would instead
 remove the host's routes, making its new connections fail at once with ENETUNREACH.
+
+Where bridged traffic goes through iptables (``net.bridge.bridge-nf-call-iptables=1``), the
+bridge's frames pass the ``FORWARD`` chain, whose policy Docker sets to ``DROP``: the hosts
+could not reach each other. :meth:`Network.build` then inserts one ``ACCEPT`` rule for this
+bridge's own traffic (``-i brk<sfx> -o brk<sfx>``, commented ``broker-multihost brk<sfx>``) and
+:meth:`Network.teardown` deletes it, even when a test failed; rules left by a run that was
+killed are deleted by the next one (their bridge is gone).
 """
 
 from __future__ import annotations
@@ -66,6 +73,72 @@ def _ip(*args: str, timeout: float = 10.0) -> str:
             f"{(done.stderr or done.stdout).strip()}"
         )
     return done.stdout
+
+
+BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+RULE_TAG = "broker-multihost"
+
+
+def _bridge_filtered() -> bool:
+    """Whether bridged frames traverse iptables (``br_netfilter`` with its switch on)."""
+    try:
+        return BRIDGE_NF.read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _iptables(*args: str, timeout: float = 10.0) -> str:
+    try:
+        done = subprocess.run(
+            ["iptables", "-w", "5", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise NetworkError("the `iptables` command is not installed") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise NetworkError(f"`iptables {' '.join(args)}` did not return in {timeout}s") from exc
+    if done.returncode != 0:
+        raise NetworkError(
+            f"`iptables {' '.join(args)}` failed (exit {done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()}"
+        )
+    return done.stdout
+
+
+def forward_rule(bridge: str) -> list[str]:
+    """The ``FORWARD`` rule (without ``-I``/``-D``) that lets ``bridge``'s own traffic through."""
+    return [
+        "FORWARD", "-i", bridge, "-o", bridge,
+        "-m", "comment", "--comment", f"{RULE_TAG} {bridge}", "-j", "ACCEPT",
+    ]  # fmt: skip
+
+
+def forward_policy() -> str | None:
+    """The ``FORWARD`` chain's policy (``ACCEPT``, ``DROP``), or None when it cannot be read."""
+    try:
+        rules = _iptables("-S", "FORWARD")
+    except NetworkError:
+        return None
+    for line in rules.splitlines():
+        parts = line.split()
+        if parts[:2] == ["-P", "FORWARD"] and len(parts) > 2:
+            return parts[2]
+    return None
+
+
+def _remove_stale_forward_rules() -> None:
+    """Delete the rules of earlier runs whose bridge no longer exists (a killed run)."""
+    links = _ip("-o", "link", "show")
+    for line in _iptables("-S", "FORWARD").splitlines():
+        if f'"{RULE_TAG} ' not in line:
+            continue
+        bridge = line.split(f'"{RULE_TAG} ', 1)[1].split('"', 1)[0]
+        if f" {bridge}:" not in links:
+            with contextlib.suppress(NetworkError):
+                _iptables("-D", *forward_rule(bridge))
 
 
 @dataclass
@@ -198,6 +271,8 @@ class Network:
     processes: list[HostProcess] = field(default_factory=list)
     _created_netns: list[str] = field(default_factory=list)
     _created_links: list[str] = field(default_factory=list)
+    #: FORWARD rules inserted for the bridge (deleted by teardown)
+    _forward_rules: list[list[str]] = field(default_factory=list)
 
     @property
     def bridge(self) -> str:
@@ -284,6 +359,7 @@ class Network:
         self._created_links.append(self.bridge)
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
+        self._allow_forwarding()
         for host in every:
             _ip(
                 "link", "add", host.veth_root, "type", "veth",
@@ -295,6 +371,32 @@ class Network:
             _ip("-n", host.netns, "link", "set", "lo", "up")
             _ip("-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", host.veth_host)
             _ip("-n", host.netns, "link", "set", host.veth_host, "up")
+
+    def _allow_forwarding(self) -> None:
+        """Where bridged frames pass iptables, let this bridge's own traffic through the
+        ``FORWARD`` chain whatever its policy (Docker sets ``DROP``); teardown deletes it."""
+        if not _bridge_filtered() or shutil.which("iptables") is None:
+            return
+        _remove_stale_forward_rules()
+        rule = forward_rule(self.bridge)
+        _iptables("-I", rule[0], "1", *rule[1:])
+        self._forward_rules.append(rule)
+
+    def _forward_note(self) -> str:
+        """Why bridged traffic may be dropped here, in a few words (or "")."""
+        if not _bridge_filtered():
+            return ""
+        if shutil.which("iptables") is None:
+            return (
+                "; bridged traffic passes iptables' FORWARD chain here (bridge-nf-call-iptables=1)"
+                " and there is no `iptables` command to let the test bridge through (Docker "
+                "sets the chain's policy to DROP)"
+            )
+        allowed = "an ACCEPT rule for it was inserted" if self._forward_rules else "no rule for it"
+        return (
+            f"; bridged traffic passes iptables' FORWARD chain (bridge-nf-call-iptables=1, "
+            f"policy {forward_policy() or 'unknown'}), {allowed}"
+        )
 
     def _check_reach(self, host: Host, timeout: float = 15.0) -> None:
         """From inside ``host``: a TCP connection to the server that answers PING, and the
@@ -318,7 +420,7 @@ class Network:
         if done.returncode != 0 or "ok" not in done.stdout:
             raise NetworkError(
                 f"{host} cannot reach the server at {self.server.bind}:{self.server.port}: "
-                f"{(done.stderr or done.stdout).strip()}"
+                f"{(done.stderr or done.stdout).strip()}{self._forward_note()}"
             )
         if done.stdout.split() != ["ok", host.hostname]:
             raise NetworkError(f"{host}: processes there see {done.stdout.strip()!r}")
@@ -387,8 +489,9 @@ class Network:
     # -- teardown -----------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        """Kill every process started here (by PID), stop the server, delete links and
-        namespaces. Tries every step; raises at the end if something could not be removed."""
+        """Kill every process started here (by PID), stop the server, delete links,
+        namespaces and the FORWARD rule. Tries every step; raises at the end if something
+        could not be removed."""
         problems: list[str] = []
         for hp in self.processes:
             try:
@@ -424,5 +527,11 @@ class Network:
                         break
                     time.sleep(0.05)
         self._created_links.clear()
+        for rule in self._forward_rules:
+            try:
+                _iptables("-D", *rule)
+            except NetworkError as exc:
+                problems.append(str(exc))
+        self._forward_rules.clear()
         if problems:
             raise NetworkError("multihost teardown left things behind: " + "; ".join(problems))
