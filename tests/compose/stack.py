@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
@@ -193,7 +193,17 @@ class Compose:
 class Publisher:
     """``count`` orders at ``rate`` per second (an absolute schedule), published from the host
     through the library on a thread of its own. ``ids``: every publish that returned an id, in
-    order; ``errors``: the publishes that raised (what, and when)."""
+    order; ``errors``: the publishes that raised (what, and when).
+
+    Every publisher started is in :attr:`started` until :meth:`stop_all` (a fixture calls it
+    after each test, so a failed test leaves none publishing)."""
+
+    started: ClassVar[list[Publisher]] = []
+
+    @classmethod
+    def stop_all(cls) -> None:
+        while cls.started:
+            cls.started.pop().stop()
 
     def __init__(self, url: str, count: int, rate: float, tag: str) -> None:
         self.url, self.count, self.rate, self.tag = url, count, rate, tag
@@ -205,6 +215,7 @@ class Publisher:
         self.failure: BaseException | None = None
 
     def start(self) -> Publisher:
+        self.started.append(self)
         self._thread.start()
         return self
 

@@ -56,8 +56,14 @@ ORDERS, RATE = 600, 60  # the producer service: 10 s of orders
 BURST = (1200, 400.0)
 
 
+@pytest.fixture(autouse=True)
+def _no_publisher_left() -> Iterator[None]:
+    yield
+    Publisher.stop_all()
+
+
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     why = why_not()
     if why:
         skip_or_fail(why)
@@ -81,7 +87,7 @@ def stack() -> Iterator[Stack]:
             s.close()
     finally:
         logs = compose.logs()
-        log_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"{compose.project}.log"
+        log_file = tmp_path_factory.mktemp("compose") / f"{compose.project}.log"
         log_file.write_text(logs)
         print(f"\n[compose] logs of {compose.project}: {log_file} (last lines below)")
         print("\n".join(logs.splitlines()[-25:]))
