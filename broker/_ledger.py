@@ -86,6 +86,7 @@ class Ledger(Generic[T]):
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.room = asyncio.Event()
         self.parked = 0  # readers waiting for room
+        self.parked_hungry = 0  # ... of which have entries to read
         self.retry_wake = asyncio.Event()
         #: delivered = buffered so far - still buffered - dropped from the buffer unhanded
         #: (so the hot path keeps no per-message counter)
@@ -170,13 +171,18 @@ class Ledger(Generic[T]):
                 owed += free
         return max(min(left, mine), left - owed)
 
-    async def wait_room(self) -> None:
+    async def wait_room(self, hungry: bool = True) -> None:
+        """Wait until room may have been made. ``hungry``: the waiting reader has entries to
+        read (a drained reader waiting only yields to those, so drained readers never wait on
+        each other)."""
         self.room.clear()
         self.parked += 1
+        self.parked_hungry += hungry
         try:
             await self.room.wait()
         finally:
             self.parked -= 1
+            self.parked_hungry -= hungry
 
     def make_room(self) -> None:
         self.room.set()

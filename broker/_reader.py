@@ -206,17 +206,17 @@ class Reader:
             left = ledger.room_for(self)
             room = min(left, self.share)
             if self.blocking and self._drained and not replay and left < ledger.prefetch:
-                if ledger.parked:
-                    # another reader waits for room, and ours would only wait on drained
-                    # streams: it goes first
-                    await ledger.wait_room()
+                if ledger.parked_hungry:
+                    # a reader with entries to read waits for room, and ours would only wait
+                    # on drained streams: it goes first
+                    await ledger.wait_room(hungry=False)
                     continue
                 # waiting on drained streams while others hold room: reserve one entry per
                 # stream, not a whole share, so room held while nothing comes serves the other
                 # readers (the first entry wakes us; the next read takes the rest)
                 room = min(room, len(self.streams))
             if room <= 0:
-                await ledger.wait_room()
+                await ledger.wait_room(hungry=self.hungry)
                 continue
             # each step gets what is left of the reconnect deadline: a stalled server (which
             # still accepts connections) must not hold it longer

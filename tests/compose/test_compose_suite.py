@@ -2,6 +2,7 @@
 
 The ``tests`` service (compose.yaml, profile ``tests``) runs on ``python:3.11-slim`` with the
 repository mounted read-only, copies it, and runs ``bash .ci/test tests/unit tests/integration``
+(without the cluster variants, which start their own cluster, not the stack's ``redis``)
 with ``BROKER_TEST_URL`` pointing at the ``redis`` service (and ``BROKER_VENV=/tmp/venv``, an
 absolute path: the ``.ci/setup`` case that once failed). Skipped with the reason where no engine
 answers, except in CI (``CI=true`` or ``BROKER_REQUIRE_COMPOSE=1``).

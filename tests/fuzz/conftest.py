@@ -1,7 +1,7 @@
 """The fuzz tier: property tests (Hypothesis) run for a time budget instead of a fixed count.
 
 Each target is an ordinary ``@given`` test body run in batches until its budget is spent:
-``$BROKER_FUZZ_SECONDS`` seconds each (default 60, what CI runs; ``BROKER_FUZZ_SECONDS=5``
+``$BROKER_FUZZ_SECONDS`` seconds each (default 60; CI runs 24; ``BROKER_FUZZ_SECONDS=5``
 for a quick local pass). A failure stops the run at once and Hypothesis prints the shrunk
 example; each one found so far is also a regular test next to its target. The example counts
 and times are printed in the summary at the end of the run.

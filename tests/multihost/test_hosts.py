@@ -73,7 +73,7 @@ async def test_group_limit_holds_across_hosts(
     )  # fmt: skip
     t0 = time.monotonic()
     sent = await ch.publish_many(range(90))
-    done_key = f"{namespace}:done"
+    done_key = f"{namespace}:{{t}}:done"
 
     async def all_done() -> bool:
         return set(sent) <= set(await _strs(raw, done_key))
@@ -93,8 +93,8 @@ async def test_group_limit_holds_across_hosts(
     codes = [c for c, _ in ended]
     assert codes == [0, 0, 0], report(workers)
 
-    peak = int(await raw.get(f"{namespace}:peak") or 0)
-    gauge = int(await raw.get(f"{namespace}:gauge") or 0)
+    peak = int(await raw.get(f"{namespace}:{{t}}:peak") or 0)
+    gauge = int(await raw.get(f"{namespace}:{{t}}:gauge") or 0)
     done = await _strs(raw, done_key)
     holders = await GroupSemaphore(client, semaphore_key(namespace, name, "g"), 3).holders()
     print(
@@ -270,7 +270,7 @@ async def test_kill_9_on_one_host_others_finish_and_permits_return(
         bound=30, what="3 group workers ready", watch=workers,
     )  # fmt: skip
     sent = await ch.publish_many(range(n))
-    started_key, done_key = f"{namespace}:started", f"{namespace}:done"
+    started_key, done_key = f"{namespace}:{{t}}:started", f"{namespace}:{{t}}:done"
 
     # kill the victim just after one of its handlers started: it then holds a permit (the
     # handler runs inside the lease) and the message is pending on it, for `hold` seconds more
@@ -327,8 +327,8 @@ async def test_kill_9_on_one_host_others_finish_and_permits_return(
     assert codes == [0, 0], report(workers)
 
     done = await _strs(raw, done_key)
-    residual = int(await raw.get(f"{namespace}:gauge") or 0)  # handlers the kill interrupted
-    peak = int(await raw.get(f"{namespace}:peak") or 0)
+    residual = int(await raw.get(f"{namespace}:{{t}}:gauge") or 0)  # handlers the kill interrupted
+    peak = int(await raw.get(f"{namespace}:{{t}}:peak") or 0)
     dups = sorted({x for x in done if done.count(x) > 1})
     print(
         f"\n[kill -9] host 3 killed with {len(pending_victim)} pending message(s), "
