@@ -92,6 +92,8 @@ class Ledger(Generic[T]):
         #: (so the hot path keeps no per-message counter)
         self.buffered_total = 0
         self.unhanded = 0
+        #: held entries found claimed by another consumer (reported once each)
+        self._lost: set[tuple[str, str]] = set()
         self.nacked = 0
         self.claimed = 0
         self.released = 0
@@ -280,7 +282,13 @@ class Ledger(Generic[T]):
                 except ConnectionLostError:
                     continue  # best effort: the readers own reconnecting
                 owners = {i: _owner(row) for i, row in rows.items()}
-                lost = [i for i in ids if owners.get(i) != self.consumer]
+                # each loss is reported once (a stuck handler keeps its entry in hand)
+                lost = [
+                    i for i in ids if owners.get(i) != self.consumer and (key, i) not in self._lost
+                ]
+                self._lost.update((key, i) for i in lost)
+                if len(self._lost) > 4096:
+                    self._lost.clear()
                 if lost:
                     log.warning(
                         "%s/%s: %d held entries of %s were claimed by other consumers meanwhile "
