@@ -48,6 +48,7 @@ async def _report(ch: broker.Channel[Any]) -> dict[str, Any]:
         "last_id": info.last_id,
         "last_time": _when(info.last_id),
         "dead_letters": info.dead_letters,
+        "partitions": info.partitions,
         "groups": groups,
     }
 
@@ -87,8 +88,9 @@ def info(config: Config, names: tuple[str, ...], as_json: bool) -> None:
         click.echo(json.dumps(reports, indent=2))
         return
     for r in reports:
+        parts = f" ({r['partitions']} partitions)" if r["partitions"] > 1 else ""
         click.echo(
-            f"channel {r['name']}: {plural(r['length'], 'entry')}, "
+            f"channel {r['name']}{parts}: {plural(r['length'], 'entry')}, "
             f"first {_point(r['first_id'])}, last {_point(r['last_id'])}, "
             f"{plural(r['dead_letters'], 'dead letter')}"
         )

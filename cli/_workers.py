@@ -118,6 +118,15 @@ Examples:
     help="Retire a slot after it handled N messages, the same way (consumers).",
 )
 @click.option(
+    "--partitions",
+    type=click.IntRange(1, 1024),
+    metavar="P",
+    help="The channels have P partitions. The first process to use a channel records the "
+    "count; a process that declares another count is refused. Declare it on producers and "
+    "consumers alike (whichever starts first creates the channel); without it a process uses "
+    "the recorded count, or makes a new channel unpartitioned.",
+)
+@click.option(
     "--stop-token",
     "stop_tokens",
     multiple=True,
@@ -200,6 +209,7 @@ def worker(
     check: bool,
     max_memory: int | None,
     max_messages: int | None,
+    partitions: int | None,
 ) -> None:
     """Run MODULE:HANDLER as a consumer or producer worker in P processes on this host.
 
@@ -283,6 +293,7 @@ def worker(
             log_format=log_format,
             max_memory=max_memory,
             max_messages=max_messages,
+            partitions=partitions,
             metrics_port=metrics_port,
             metrics_addr=metrics_addr,
         )

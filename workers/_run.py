@@ -116,7 +116,7 @@ class Consumer:
         # the read-ahead that Broker.consume uses: a slow process does not hoard messages
         prefetch = default_prefetch(spec.concurrency)
         async with self.b.subscribe(
-            list(spec.channels),
+            [self.b.channel(name, partitions=spec.partitions) for name in spec.channels],
             group=spec.group,
             consumer=spec.consumer_name(self.slot),
             start=spec.start,
@@ -234,7 +234,7 @@ class Generator:
         return self._publishing
 
     async def run(self, ready: Ready, stop: StopToken, hurry: asyncio.Event) -> None:
-        channel = self.b.channel(self.spec.channels[0])
+        channel = self.b.channel(self.spec.channels[0], partitions=self.spec.partitions)
         await ready()
 
         async def produce() -> None:
@@ -275,7 +275,7 @@ class Producer:
         return self._running
 
     async def run(self, ready: Ready, stop: StopToken, hurry: asyncio.Event) -> None:
-        channel = self.b.channel(self.spec.channels[0])
+        channel = self.b.channel(self.spec.channels[0], partitions=self.spec.partitions)
         self._base = self.b.publisher.statistics().published
         await ready()
         self._running = 1

@@ -59,6 +59,10 @@ class WorkerSpec:
     max_memory: int | None = None
     #: ... or once it handled this many messages (like gunicorn's max_requests)
     max_messages: int | None = None
+    #: the channels have this many partitions (recorded on the server by the first process
+    #: to use a channel; None: whatever is recorded, unpartitioned if nothing). Declare it on
+    #: producers and consumers alike: whichever starts first creates the channel
+    partitions: int | None = None
     #: slot N serves Prometheus ``/metrics`` on ``metrics_port + N`` (None: no metrics)
     metrics_port: int | None = None
     metrics_addr: str = "0.0.0.0"
@@ -99,6 +103,7 @@ class WorkerSpec:
             ("processes", self.processes),
             ("max_memory", self.max_memory),
             ("max_messages", self.max_messages),
+            ("partitions", self.partitions),
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigurationError(f"{label} must be an int >= 1, got {value!r}")
