@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from redis.asyncio.cluster import RedisCluster
 
 from . import _observe
-from ._clients import cluster_client, single_client
+from ._clients import cluster_client, sentinel_client, single_client
 from ._codec import Codec
 from ._errors import ClosedError, ConfigurationError, ConnectionLostError, map_redis_errors
 from ._names import channel_from_key, channel_key
@@ -42,9 +42,10 @@ def connect(url: str | None = None, **options: Any) -> Broker:
     """Open a broker: ``async with connect("redis://host:6379/0") as broker: ...``.
 
     ``url`` falls back to ``$BROKER_URL``, then ``redis://localhost:6379/0``; ``rediss://`` (TLS),
-    ``unix://`` and ``user:password@`` (ACL) work. ``options`` are :class:`Settings` fields
-    (``namespace``, ``reconnect_deadline``, ...) and the publish batcher's ``linger``,
-    ``max_batch``, ``max_queue`` and ``max_pipelines``.
+    ``unix://``, ``user:password@`` (ACL), ``redis+cluster://host:port[,host:port...]`` and
+    ``redis+sentinel://host:port[,host:port...]/service_name[/db]`` work. ``options`` are
+    :class:`Settings` fields (``namespace``, ``reconnect_deadline``, ...) and the publish
+    batcher's ``linger``, ``max_batch``, ``max_queue`` and ``max_pipelines``.
 
     :raises ConfigurationError: on a bad URL or option (at the call).
     :raises ConnectionLostError: on entering, if the server cannot be reached.
@@ -72,6 +73,7 @@ class Broker(AsyncResource):
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._hub: StopHub | None = None
         self._pubsub: Hub | None = None
         self._clock_offset_ms = 0
@@ -105,7 +107,13 @@ class Broker(AsyncResource):
                         ) from None
             except ConnectionLostError as exc:
                 raise type(exc)(f"cannot connect to {s.safe_url}: {_cause(exc)}") from exc.__cause__
-            topology = Topology(self._redis, cluster=self.cluster, timeout=s.stall_timeout)
+            topology = Topology(
+                self._redis,
+                cluster=self.cluster,
+                timeout=s.stall_timeout,
+                sentinel=s.endpoint.kind == "sentinel",
+                ask_timeout=s.connect_timeout,
+            )
             self._topology = topology
             stack.push_async_callback(topology.aclose)
             self.bells = Bells(sharded=self.cluster)
@@ -116,6 +124,10 @@ class Broker(AsyncResource):
             self._publisher_task = self._tasks.create_task(
                 self._publisher.run(), name="broker-publisher"
             )
+            if topology.sentinel:
+                self._watch_task = self._tasks.create_task(
+                    topology.watch_sentinels(), name="broker-sentinel-watch"
+                )
         except BaseException:
             await stack.aclose()
             raise
@@ -131,12 +143,16 @@ class Broker(AsyncResource):
         if endpoint.kind == "cluster":
             self._redis = await cluster_client(s, endpoint.hosts, endpoint.node_url)
             self.cluster = True
+        elif endpoint.kind == "sentinel":
+            self._redis = await sentinel_client(s, endpoint)
+            # closed after the client (the stack is last in, first out)
+            stack.push_async_callback(self._redis.connection_pool.sentinel_manager.aclose)
         else:
             self._redis = single_client(s)
         stack.push_async_callback(self._redis.aclose)
         await self._measure_clock()
         info = await self._check_version()
-        if not self.cluster and str(info.get("cluster_enabled", "0")) == "1":
+        if endpoint.kind == "single" and str(info.get("cluster_enabled", "0")) == "1":
             # a plain redis:// URL that reached a cluster node: follow the cluster from there
             single, self._redis = self._redis, None
             await single.aclose()
@@ -158,6 +174,8 @@ class Broker(AsyncResource):
             await self._hub.aclose()
         if self._pubsub is not None:
             await self._pubsub.aclose()
+        if self._watch_task is not None:
+            await cancel_and_wait(self._watch_task)
         if self._publisher is not None and self._publisher_task is not None:
             self._publisher.close()  # sends what was accepted, then ends
             try:
@@ -245,7 +263,8 @@ class Broker(AsyncResource):
         """Run one redis call with reconnects until the deadline and errors mapped."""
         key = None if channel is None else channel_key(self.namespace, channel)
         topology = self._topology
-        refresh = topology.refresh if topology is not None and topology.single is None else None
+        follow = topology is not None and (topology.single is None or topology.sentinel)
+        refresh = topology.refresh if follow and topology is not None else None
         return await retrying(fn, self.settings.retry, channel, key, refresh=refresh)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
