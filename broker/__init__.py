@@ -27,6 +27,7 @@ from ._errors import (
     GroupMissingError,
     PermissionDeniedError,
     RedisCommandError,
+    ReplicationTimeoutError,
     WrongTypeError,
 )
 from ._message import Message
@@ -68,6 +69,7 @@ __all__ = [
     "RedisCommandError",
     "RemoteStopSource",
     "RemoteStopToken",
+    "ReplicationTimeoutError",
     "ServerNotFoundError",
     "Settings",
     "StopSource",

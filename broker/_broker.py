@@ -302,6 +302,8 @@ class Broker(AsyncResource):
         on_full: Literal["wait", "raise"] = "wait",
         full_timeout: float | None = None,
         partitions: int | None = None,
+        replicas: int = 0,
+        replica_timeout: float = 5.0,
     ) -> Channel[Any]:
         """A channel by name (cheap; nothing is sent until used).
 
@@ -312,6 +314,9 @@ class Broker(AsyncResource):
         a cluster's primaries): the first process to use the channel records the count on the
         server, the others find it there (``None``: whatever is recorded; unpartitioned if
         nothing); ``publish(data, key=...)`` keeps each key's messages in one partition.
+        ``replicas`` makes publishes durable (Kafka's ``acks=all``): a publish returns once that
+        many replicas have the entry (``WAIT``, one per pipelined batch per node), else raises
+        :class:`ReplicationTimeoutError` after ``replica_timeout`` seconds.
 
         :raises ConfigurationError: on an invalid name or option (a ``partitions`` that differs
             from the recorded count: at the first publish or subscribe).
@@ -328,6 +333,8 @@ class Broker(AsyncResource):
             on_full=on_full,
             full_timeout=full_timeout,
             partitions=partitions,
+            replicas=replicas,
+            replica_timeout=replica_timeout,
         )
 
     def stop_source(self, name: str) -> RemoteStopSource:

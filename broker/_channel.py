@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from . import _observe
 from ._codec import Codec, get_codec, pack_headers
+from ._durable import WaitFor, durability
 from ._errors import ChannelFullError, ConfigurationError
 from ._inspection import (
     ChannelInfo,
@@ -55,6 +56,8 @@ class Channel(ChannelInspection, Generic[T]):
         on_full: Literal["wait", "raise"] = "wait",
         full_timeout: float | None = None,
         partitions: int | None = None,
+        replicas: int = 0,
+        replica_timeout: float = 5.0,
     ) -> None:
         self.name = check_channel(name)
         self.broker = broker
@@ -70,6 +73,10 @@ class Channel(ChannelInspection, Generic[T]):
         if full_timeout is not None and full_timeout < 0:
             raise ConfigurationError(f"full_timeout must be >= 0, got {full_timeout!r}")
         self.asked_partitions = check_partitions(partitions)
+        #: publishes return once this many replicas have them (``WAIT``); 0: the master's word
+        self.replicas = replicas
+        self.replica_timeout = replica_timeout
+        self._wait = durability(replicas, replica_timeout)
         self.maxlen = maxlen
         self.max_age = max_age
         self.max_lag = max_lag
@@ -158,7 +165,13 @@ class Channel(ChannelInspection, Generic[T]):
     # -- publishing ---------------------------------------------------------------------------
 
     def _entry(
-        self, streams: list[Stream], data: Any, headers: dict[str, str] | None, key: Any, turn: int
+        self,
+        streams: list[Stream],
+        data: Any,
+        headers: dict[str, str] | None,
+        key: Any,
+        turn: int,
+        wait: WaitFor | None,
     ) -> XAdd:
         payload = self.codec.encode(data)
         h = pack_headers(headers) if headers else None
@@ -175,7 +188,11 @@ class Channel(ChannelInspection, Generic[T]):
             part = partition_for(key, n) if key is not None else turn % n
             stream = streams[part]
             maxlen = None if self.maxlen is None else max(1, self.maxlen // n)
-        return XAdd(stream.key, self.name, payload, h, maxlen, minid)
+        return XAdd(stream.key, self.name, payload, h, maxlen, minid, wait)
+
+    def _waiting(self, replicas: int | None) -> WaitFor | None:
+        """What a publish waits for: the channel's, or ``replicas`` for this one."""
+        return self._wait if replicas is None else durability(replicas, self.replica_timeout)
 
     async def publish(
         self,
@@ -183,6 +200,7 @@ class Channel(ChannelInspection, Generic[T]):
         *,
         headers: dict[str, str] | None = None,
         key: str | bytes | int | None = None,
+        replicas: int | None = None,
     ) -> str:
         """Append one message and return its id.
 
@@ -190,29 +208,38 @@ class Channel(ChannelInspection, Generic[T]):
         partition: per-key order holds); without one, publishes go to the partitions in turn.
         Concurrent calls (from many tasks) leave in shared pipelines; the order of the calls made
         by one task is kept. On a bounded channel this first waits for the consumers.
+        ``replicas`` overrides the channel's for this message: return only once that many
+        replicas have it (``WAIT``; 0: once the master has it).
 
         :raises TypeError: if the codec cannot encode ``data`` or headers are not str -> str.
         :raises ChannelFullError: on a bounded channel with ``on_full="raise"``.
+        :raises ReplicationTimeoutError: if fewer replicas confirmed it within
+            ``replica_timeout`` (it is on the master: it may or may not survive a failover).
         :raises ConnectionLostError: if the server stays unreachable past the deadline.
         """
         if _observe.observing():  # metrics on, or the application uses OpenTelemetry
-            return await _observe.publish(self, data, headers, key)
+            return await _observe.publish(self, data, headers, key, replicas)
         # the body of _publish, inline: the hot path pays no extra coroutine
         streams = self._streams
         if streams is None:
             streams = await self.streams()
-        item = self._entry(streams, data, headers, key, next(self._turn))
+        wait = self._wait if replicas is None else self._waiting(replicas)
+        item = self._entry(streams, data, headers, key, next(self._turn), wait)
         if self.max_lag is not None:
             await self._wait_for_room()
         return await self.broker.publisher.submit(item)
 
     async def _publish(
-        self, data: T, headers: dict[str, str] | None, key: str | bytes | int | None
+        self,
+        data: T,
+        headers: dict[str, str] | None,
+        key: str | bytes | int | None,
+        replicas: int | None = None,
     ) -> str:
         streams = self._streams
         if streams is None:
             streams = await self.streams()
-        item = self._entry(streams, data, headers, key, next(self._turn))
+        item = self._entry(streams, data, headers, key, next(self._turn), self._waiting(replicas))
         if self.max_lag is not None:
             await self._wait_for_room()
         return await self.broker.publisher.submit(item)
@@ -223,20 +250,24 @@ class Channel(ChannelInspection, Generic[T]):
         *,
         batch: int = 1000,
         key: Callable[[T], str | bytes | int] | None = None,
+        replicas: int | None = None,
     ) -> list[str]:
         """Append many messages in pipelines of ``batch`` entries; returns their ids in order.
 
         Items are payloads, or ``(payload, headers)`` tuples. On a partitioned channel,
         ``key(payload)`` chooses each message's partition; without it, each batch goes to the
-        next partition in turn.
+        next partition in turn. ``replicas``: as for :meth:`publish` (one ``WAIT`` per batch
+        per node).
 
-        :raises BrokerError: the first per-entry error, after the whole batch was sent.
+        :raises BrokerError: the first per-entry error, after the whole batch was sent (a
+            :class:`ReplicationTimeoutError` names the first entry not confirmed; the batches
+            before it were).
         """
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         if _observe.observing():
-            return await _observe.publish_many(self, items, batch, key)
-        return await self._publish_many(items, batch, key, None)
+            return await _observe.publish_many(self, items, batch, key, replicas)
+        return await self._publish_many(items, batch, key, None, replicas)
 
     async def _publish_many(
         self,
@@ -244,7 +275,9 @@ class Channel(ChannelInspection, Generic[T]):
         batch: int,
         key: Callable[[T], str | bytes | int] | None,
         inject: Callable[[dict[str, str] | None], dict[str, str] | None] | None,
+        replicas: int | None = None,
     ) -> list[str]:
+        wait = self._waiting(replicas)
         streams = await self.streams()
         ids: list[str] = []
         chunk: list[XAdd] = []
@@ -261,20 +294,20 @@ class Channel(ChannelInspection, Generic[T]):
             if inject is not None:  # a trace context for every message
                 headers = inject(headers)
             k = None if key is None else key(data)
-            chunk.append(self._entry(streams, data, headers, k, turn))
+            chunk.append(self._entry(streams, data, headers, k, turn, wait))
             if len(chunk) >= batch:
-                ids += await self._send(chunk)
+                ids += await self._send(chunk, wait)
                 chunk = []
                 turn = next(self._turn)
         if chunk:
-            ids += await self._send(chunk)
+            ids += await self._send(chunk, wait)
         return ids
 
-    async def _send(self, chunk: list[XAdd]) -> list[str]:
+    async def _send(self, chunk: list[XAdd], wait: WaitFor | None) -> list[str]:
         if self.max_lag is not None:
             await self._wait_for_room(len(chunk))
         b = self.broker
-        results = await send_batch(b.topology, chunk, b.settings.retry, b.bells)
+        results = await send_batch(b.topology, chunk, b.settings.retry, b.bells, wait)
         for r in results:
             if isinstance(r, BaseException):
                 raise r

@@ -12,6 +12,7 @@
     │   └── ChannelFullError        a bounded channel is over its lag limit (on_full="raise")
     ├── ClosedError                 a broker or subscription was used after it was closed
     ├── PermissionDeniedError       the ACL user may not run that command, key or channel
+    ├── ReplicationTimeoutError     written on the master, not confirmed by enough replicas
     └── RedisCommandError           any other error the server answered with
 
 Every error raised by ``broker`` is a ``BrokerError``; errors of redis-py never leak out of the
@@ -40,6 +41,7 @@ __all__ = [
     "GroupMissingError",
     "PermissionDeniedError",
     "RedisCommandError",
+    "ReplicationTimeoutError",
     "WrongTypeError",
     "map_redis_errors",
 ]
@@ -104,6 +106,37 @@ class ClosedError(BrokerError):
 class PermissionDeniedError(BrokerError):
     """The server refused a command, a key or a pub/sub channel to this ACL user (``NOPERM``);
     the connection itself is fine, so this is never retried."""
+
+
+class ReplicationTimeoutError(BrokerError):
+    """A write asked to wait for replicas (``replicas=N``) was applied by the master, but fewer
+    than N replicas confirmed it (``WAIT``) within the timeout.
+
+    The write is on the master: it stays if the master does, and may be lost if the master fails
+    before a replica has it. So it may or may not survive a failover; it is not retried (a second
+    publish may append the message twice). :attr:`acked` replicas confirmed it.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        replicas: int,
+        acked: int,
+        timeout: float,
+        channel: str | None = None,
+        message_id: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        why = reason or f"only {acked} of {replicas} replica(s) confirmed it within {timeout:g}s"
+        super().__init__(
+            f"{what} is on the master, but {why}: it may or may not survive a failover of the "
+            "master (not retried; check for it before publishing again, or accept a duplicate)"
+        )
+        self.channel = channel
+        self.message_id = message_id
+        self.replicas = replicas
+        self.acked = acked
 
 
 class RedisCommandError(BrokerError):

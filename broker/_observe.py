@@ -121,15 +121,19 @@ def subscription_closed(sub: Subscription[Any]) -> None:
 
 
 async def publish(
-    channel: Channel[Any], data: Any, headers: dict[str, str] | None, key: Any = None
+    channel: Channel[Any],
+    data: Any,
+    headers: dict[str, str] | None,
+    key: Any = None,
+    replicas: int | None = None,
 ) -> str:
     """``channel.publish`` with a producer span (when a span is current) and a count."""
     tr = tracing()
     if tr is None or not tr.in_span():
-        entry_id = await channel._publish(data, headers, key)
+        entry_id = await channel._publish(data, headers, key, replicas)
     else:
         with tr.sending(channel) as inject:
-            entry_id = await channel._publish(data, inject(headers), key)
+            entry_id = await channel._publish(data, inject(headers), key, replicas)
             tr.sent(entry_id)
     if _sink is not None:
         _sink.published(channel.broker.namespace, channel.name, 1)
@@ -137,15 +141,19 @@ async def publish(
 
 
 async def publish_many(
-    channel: Channel[Any], items: Iterable[Any], batch: int, key: Any = None
+    channel: Channel[Any],
+    items: Iterable[Any],
+    batch: int,
+    key: Any = None,
+    replicas: int | None = None,
 ) -> list[str]:
     """``channel.publish_many`` with one producer span for the whole call and a count."""
     tr = tracing()
     if tr is None or not tr.in_span():
-        ids = await channel._publish_many(items, batch, key, None)
+        ids = await channel._publish_many(items, batch, key, None, replicas)
     else:
         with tr.sending(channel, batch=True) as inject:
-            ids = await channel._publish_many(items, batch, key, inject)
+            ids = await channel._publish_many(items, batch, key, inject, replicas)
     if _sink is not None:
         _sink.published(channel.broker.namespace, channel.name, len(ids))
     return ids

@@ -1,4 +1,11 @@
-"""Coalesces concurrent publishes into pipelined ``XADD`` batches (a producer's linger)."""
+"""Coalesces concurrent publishes into pipelined ``XADD`` batches (a producer's linger).
+
+A durable publish (``replicas=N``, Kafka's ``acks=all`` in Redis terms) ends its batch's payload
+with ``WAIT N timeout`` on the same connection, one per batch per node: the server answers it once
+N replicas have every write of that connection so far, or at the timeout with how many did. An
+entry whose WAIT fell short is on the master only and comes back as
+:class:`ReplicationTimeoutError` instead of its id.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +18,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from ._durable import WaitFor
 from ._errors import ClosedError, ConnectionLostError, RedisCommandError, map_redis_errors
 from ._retry import RetryPolicy, no_reply
 from ._topology import Topology, ask_target, routing_error
 from ._wire import Wire, bulk, pack
 
-__all__ = ["Bells", "Publisher", "PublisherStatistics", "XAdd"]
+__all__ = ["Bells", "Publisher", "PublisherStatistics", "XAdd", "confirm"]
 
 log = logging.getLogger("broker.publish")
 
@@ -33,6 +41,8 @@ class XAdd:
     maxlen: int | None = None
     #: trim entries older than this id (MINID ~), computed from the server's clock
     minid: str | None = None
+    #: return only once replicas have it (None: as soon as the master has it)
+    wait: WaitFor | None = None
 
 
 class Bells:
@@ -137,6 +147,8 @@ class Publisher:
         self._batches = 0
         self._published = 0
         self._largest = 0
+        #: queued entries that wait for replicas: their batches are split by what they wait for
+        self._durable = 0
 
     def statistics(self) -> PublisherStatistics:
         return PublisherStatistics(len(self._queue), self._batches, self._published, self._largest)
@@ -154,7 +166,9 @@ class Publisher:
             # publishes queue up and leave together in the next free one
             self._in_flight += 1
             try:
-                (result,) = await send_batch(self._topology, [item], self._retry, self._bells)
+                (result,) = await send_batch(
+                    self._topology, [item], self._retry, self._bells, item.wait
+                )
             finally:
                 self._release()
             self._count(1)
@@ -163,6 +177,8 @@ class Publisher:
             return result
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut))
+        if item.wait is not None:
+            self._durable += 1
         self._wake.set()
         return await fut
 
@@ -180,6 +196,7 @@ class Publisher:
         finally:
             # cancelled while draining (the broker's close was cancelled): nobody may wait forever
             self._closed = True
+            self._durable = 0
             while self._queue:
                 _, fut = self._queue.popleft()
                 if not fut.done():
@@ -214,17 +231,31 @@ class Publisher:
             await self._in_flight_below(self._max_pipelines)
             if not self._queue:
                 return
-            self._in_flight += 1
             n = min(len(self._queue), self._max_batch)
             batch = [self._queue.popleft() for _ in range(n)]
             self._space.set()
-            pipelines.create_task(self._send(batch))
+            if not self._durable:
+                self._in_flight += 1
+                pipelines.create_task(self._send(batch, None))
+                continue
+            # entries that wait for replicas leave apart from those that do not (a WAIT must
+            # not hold them), one pipeline per kind of wait
+            parts: dict[WaitFor | None, list[tuple[XAdd, asyncio.Future[str]]]] = {}
+            for entry in batch:
+                parts.setdefault(entry[0].wait, []).append(entry)
+            for wait, part in parts.items():
+                if wait is not None:
+                    self._durable -= len(part)
+                self._in_flight += 1
+                pipelines.create_task(self._send(part, wait))
 
-    async def _send(self, batch: list[tuple[XAdd, asyncio.Future[str]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[XAdd, asyncio.Future[str]]], wait: WaitFor | None
+    ) -> None:
         """One pipeline; its outcome goes to the waiters, never to the task group."""
         try:
             ids = await send_batch(
-                self._topology, [item for item, _ in batch], self._retry, self._bells
+                self._topology, [item for item, _ in batch], self._retry, self._bells, wait
             )
         except Exception as exc:  # every waiter gets the batch's error
             _fail(batch, exc)
@@ -251,39 +282,65 @@ def _fail(batch: list[tuple[XAdd, asyncio.Future[str]]], exc: BaseException) -> 
 
 
 async def send_batch(
-    topology: Topology, items: list[XAdd], retry: RetryPolicy, bells: Bells | None = None
+    topology: Topology,
+    items: list[XAdd],
+    retry: RetryPolicy,
+    bells: Bells | None = None,
+    wait: WaitFor | None = None,
 ) -> list[str | BaseException]:
     """Send ``items`` in one round trip per node; per-entry errors come back in the list, not
-    raised.
+    raised. With ``wait``, each node's payload ends with a ``WAIT``, and the entries it did not
+    confirm come back as :class:`ReplicationTimeoutError`.
 
     A lost connection resends the whole batch until the deadline: an entry may then be appended
-    twice (at-least-once), never lost without an error. On a cluster, entries answered with a
-    redirection (``MOVED``, ``ASK``, ``TRYAGAIN``...) were not appended, and are resent to the
-    node that owns them now.
+    twice (at-least-once), never lost without an error. Entries answered with "not run here"
+    (a cluster's ``MOVED``, ``ASK``, ``TRYAGAIN``...; ``READONLY`` from a demoted master,
+    ``LOADING``, ``NOREPLICAS``) were not appended, and are resent to the node that owns them
+    now, until the deadline.
     """
     single = topology.single
     if single is not None:  # the hot path: one payload, one node
-        payload, count, rung = _payload(items, bells)
-        raw = await _exchange(single, payload, count, retry)
-        _heard(bells, rung, raw)
-        return _results(items, raw)
-    return await _send_routed(topology, items, retry, bells)
+        payload, count, rung = _payload(items, bells, wait)
+        raw = await _exchange(topology, single, payload, count, retry, wait)
+        _heard(bells, rung, raw, wait)
+        out, refused = _results(items, raw)
+        if wait is not None:
+            confirm(wait, items, out, raw[-1])
+        if refused:  # rare: the server turned some entries away (a failover, a restart)
+            again = await _send_routed(topology, [items[i] for i in refused], retry, bells, wait)
+            for i, r in zip(refused, again, strict=True):
+                out[i] = r
+        return out
+    return await _send_routed(topology, items, retry, bells, wait)
 
 
-async def _exchange(wire: Wire, payload: bytes, count: int, retry: RetryPolicy) -> list[Any]:
+async def _exchange(
+    topology: Topology,
+    wire: Wire,
+    payload: bytes,
+    count: int,
+    retry: RetryPolicy,
+    wait: WaitFor | None,
+) -> list[Any]:
     backoff = retry.backoff()
+    held = 0.0 if wait is None else wait.timeout  # the server may hold the WAIT this long
     while True:
         started = time.monotonic()
         try:
             with map_redis_errors():
-                return await wire.execute(payload, count, limit=backoff.limit())
+                return await wire.execute(payload, count, limit=backoff.limit(), wait=held)
         except ConnectionLostError as exc:
             await backoff.wait(exc, started)
+            if topology.sentinel:  # the master may have moved: ask the sentinels
+                await topology.refresh(str(exc))
 
 
-def _payload(items: list[XAdd], bells: Bells | None) -> tuple[bytes, int, list[str]]:
-    """The XADDs, then the XTRIMs of age bounds, then the bells; the replies of the XADDs come
-    first, those of the bells last (``rung``: the keys rung, in order)."""
+def _payload(
+    items: list[XAdd], bells: Bells | None, wait: WaitFor | None = None
+) -> tuple[bytes, int, list[str]]:
+    """The XADDs, then the XTRIMs of age bounds, then the bells, then the WAIT; the replies of
+    the XADDs come first, those of the bells last but the WAIT's (``rung``: the keys rung, in
+    order). The WAIT comes after the bells so that readers are not woken later for it."""
     parts = [pack_xadd(it) for it in items]
     # XADD takes one trim strategy: an age bound next to a length bound is an XTRIM after
     age_trims = {it.key: it.minid for it in items if it.maxlen is not None and it.minid}
@@ -292,23 +349,50 @@ def _payload(items: list[XAdd], bells: Bells | None) -> tuple[bytes, int, list[s
     if rung:
         assert bells is not None
         parts += [bells.part(key) for key in rung]
+    if wait is not None:
+        parts.append(wait.command)
     return b"".join(parts), len(parts), rung
 
 
-def _heard(bells: Bells | None, rung: list[str], raw: list[Any]) -> None:
+def confirm(
+    wait: WaitFor, items: list[XAdd], results: list[str | BaseException], reply: Any
+) -> None:
+    """Replace the ids in ``results`` by :class:`ReplicationTimeoutError` when ``reply`` (the
+    WAIT's) says fewer replicas than asked have them."""
+    if wait.short(reply) is None:
+        return
+    for i, r in enumerate(results):
+        if isinstance(r, str):
+            it = items[i]
+            error = wait.error(
+                f"entry {r} of channel {it.channel!r}", reply, channel=it.channel, message_id=r
+            )
+            assert error is not None
+            results[i] = error
+
+
+def _heard(bells: Bells | None, rung: list[str], raw: list[Any], wait: WaitFor | None) -> None:
     if bells is not None and rung:
-        for key, reply in zip(rung, raw[len(raw) - len(rung) :], strict=True):
+        end = len(raw) - (wait is not None)
+        for key, reply in zip(rung, raw[end - len(rung) : end], strict=True):
             bells.heard(key, reply)
 
 
-def _results(items: list[XAdd], raw: list[Any]) -> list[str | BaseException]:
+def _results(items: list[XAdd], raw: list[Any]) -> tuple[list[str | BaseException], list[int]]:
+    """The ids (or errors) of ``items``, and the indexes of those the server turned away with
+    a "not run here" reply (to be sent again)."""
     out: list[str | BaseException] = []
-    for it, r in zip(items, raw, strict=False):
+    refused: list[int] = []
+    for i, (it, r) in enumerate(zip(items, raw, strict=False)):
         if isinstance(r, BaseException):
+            # READONLY here is a plain URL that names a replica: an error to report (behind
+            # Sentinel redis-py turns it into a lost connection, and the master is asked for)
+            if routing_error(r) not in (None, "READONLY"):
+                refused.append(i)
             out.append(_mapped(r, it.channel, it.key))
         else:
             out.append(_entry_id(r, it))
-    return out
+    return out, refused
 
 
 def _entry_id(reply: Any, it: XAdd) -> str | BaseException:
@@ -340,9 +424,14 @@ _MAX_REDIRECTS = 16
 
 
 async def _send_routed(
-    topology: Topology, items: list[XAdd], retry: RetryPolicy, bells: Bells | None
+    topology: Topology,
+    items: list[XAdd],
+    retry: RetryPolicy,
+    bells: Bells | None,
+    wait: WaitFor | None = None,
 ) -> list[str | BaseException]:
-    """The cluster path: one payload per node, sent concurrently; redirected entries resent."""
+    """The cluster path (and a single server's for entries it turned away): one payload per
+    node, sent concurrently; redirected entries resent."""
     results: list[str | BaseException | None] = [None] * len(items)
     todo = list(range(len(items)))
     asking: dict[int, Wire] = {}
@@ -362,7 +451,8 @@ async def _send_routed(
         started = time.monotonic()
         limit = backoff.limit()
         replies = await asyncio.gather(
-            *(_exchange_routed(w, [items[i] for i in idx], limit, w in asking.values(), bells)
+            *(_exchange_routed(w, [items[i] for i in idx], limit, w in asking.values(), bells,
+                               wait)
               for w, idx in groups.items()),
             return_exceptions=True,
         )  # fmt: skip
@@ -377,7 +467,9 @@ async def _send_routed(
                 continue
             if isinstance(reply, BaseException):
                 raise reply
-            for i, r in zip(idx, reply, strict=True):
+            entries, waited = reply
+            done: list[int] = []
+            for i, r in zip(idx, entries, strict=True):
                 kind = routing_error(r)
                 if kind is None:
                     it = items[i]
@@ -386,6 +478,7 @@ async def _send_routed(
                         if isinstance(r, BaseException)
                         else _entry_id(r, it)
                     )
+                    done.append(i)
                     continue
                 todo.append(i)
                 if kind == "ASK":
@@ -394,6 +487,11 @@ async def _send_routed(
                     refresh = refresh or f"{kind} from {wire.name}"
                 else:  # TRYAGAIN, CLUSTERDOWN, LOADING...: wait a little, as for an outage
                     lost_exc = lost_exc or ConnectionLostError(f"{wire.name}: {r}")
+            if wait is not None and done:
+                confirmed: list[str | BaseException] = [results[i] or no_reply(0) for i in done]
+                confirm(wait, [items[i] for i in done], confirmed, waited)
+                for i, r in zip(done, confirmed, strict=True):
+                    results[i] = r
         if not todo:
             break
         todo.sort()  # keep each key's entries in their order
@@ -411,21 +509,29 @@ async def _send_routed(
 
 
 async def _exchange_routed(
-    wire: Wire, items: list[XAdd], limit: float, asking: bool, bells: Bells | None
-) -> list[Any]:
-    """Send ``items`` to ``wire`` and return one reply per item (``ASKING`` first when the
-    items follow an ``ASK`` redirection; the replies of ``XTRIM`` and of bells dropped)."""
+    wire: Wire,
+    items: list[XAdd],
+    limit: float,
+    asking: bool,
+    bells: Bells | None,
+    wait: WaitFor | None,
+) -> tuple[list[Any], Any]:
+    """Send ``items`` to ``wire``; return one reply per item (``ASKING`` first when the items
+    follow an ``ASK`` redirection; the replies of ``XTRIM`` and of bells dropped) and the
+    WAIT's reply (None without ``wait``)."""
+    held = 0.0 if wait is None else wait.timeout
+    tail = b"" if wait is None else wait.command
     if asking:
-        payload = b"".join(pack(b"ASKING") + pack_xadd(it) for it in items)
+        payload = b"".join(pack(b"ASKING") + pack_xadd(it) for it in items) + tail
         with map_redis_errors():
-            raw = await wire.execute(payload, 2 * len(items), limit=limit)
-        return raw[1::2]
-    payload, count, rung = _payload(items, bells)
+            raw = await wire.execute(payload, 2 * len(items) + bool(tail), limit=limit, wait=held)
+        return raw[1 : 2 * len(items) : 2], raw[-1] if tail else None
+    payload, count, rung = _payload(items, bells, wait)
     with map_redis_errors():
-        raw = await wire.execute(payload, count, limit=limit)
+        raw = await wire.execute(payload, count, limit=limit, wait=held)
     if not any(routing_error(r) for r in raw[: len(items)]):
-        _heard(bells, rung, raw)
-    return raw[: len(items)]
+        _heard(bells, rung, raw, wait)
+    return raw[: len(items)], raw[-1] if tail else None
 
 
 def pack_xadd(it: XAdd) -> bytes:
