@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from ._durable import WaitFor
 from ._errors import (
     BrokerError,
     ConnectionLostError,
@@ -114,8 +115,11 @@ class Settler:
         consumer: str,
         streams: Sequence[Stream],
         dead_maxlen: int,
+        wait: WaitFor | None = None,
     ) -> None:
         self.link = link
+        #: acks and dead-letter moves wait for replicas (``WAIT``) before the next batch
+        self.wait = wait
         self.calls = calls
         self.group = calls.group
         self.consumer = consumer
@@ -232,6 +236,8 @@ class Settler:
         r = self.link.redis
         topology = self.link.topology
 
+        wait = self.wait
+
         async def send() -> None:
             # one payload per node: every XACK and touch of the streams it owns
             payloads: dict[Wire, list[bytes]] = {}
@@ -242,10 +248,21 @@ class Settler:
                     pack(b"XCLAIM", key, self.group, self.consumer, 0, *tids, b"JUSTID")
                 )
             if payloads:
-                await asyncio.gather(*(_send(w, parts) for w, parts in payloads.items()))
+                waited = await asyncio.gather(
+                    *(_send(w, parts, wait) for w, parts in payloads.items())
+                )
+                if wait is not None:
+                    for w, reply in zip(payloads, waited, strict=True):
+                        self._short(wait, reply, f"acks on {w.name}")
             while dead:
                 op = dead[0]
-                await DEAD_LETTER(r, [op.stream.key, op.stream.dead_key], self._dead_args(op))
+                keys = [op.stream.key, op.stream.dead_key]
+                if wait is None:
+                    await DEAD_LETTER(r, keys, self._dead_args(op))
+                else:  # EVAL, not EVALSHA: on the WAIT's connection, never NOSCRIPT
+                    script = pack(b"EVAL", DEAD_LETTER.source, 2, *keys, *self._dead_args(op))
+                    reply = await _send(topology.wire_for(op.stream.key), [script], wait)
+                    self._short(wait, reply, f"the dead letter of {op.stream.key} {op.id}")
                 dead.pop(0)
 
         try:
@@ -255,6 +272,11 @@ class Settler:
         finally:
             self.sending = 0
             self.in_transit = ({}, [])
+
+    def _short(self, wait: WaitFor, reply: Any, what: str) -> None:
+        error = wait.error(what, reply)
+        if error is not None:  # the ack is on the master: a failover may deliver it again
+            log.warning("%s; after a failover the message(s) may be delivered again", error)
 
     def _xack(self, key: str, ids: list[str]) -> bytes:
         return b"*%d\r\n$4\r\nXACK\r\n%b%b%b" % (
@@ -297,15 +319,21 @@ class Settler:
         return args
 
 
-async def _send(wire: Wire, parts: list[bytes]) -> None:
-    """One node's part of a batch. A redirection (the slot moved) is a reason to re-read the
-    slot map and send the whole batch again: acks and touches are idempotent."""
-    for reply in await wire.execute(b"".join(parts), len(parts)):
+async def _send(wire: Wire, parts: list[bytes], wait: WaitFor | None = None) -> Any:
+    """One node's part of a batch (then ``WAIT`` with ``wait``: its reply is returned). A
+    redirection (the slot moved) is a reason to re-read the slot map and send the whole batch
+    again: acks and touches are idempotent."""
+    if wait is not None:
+        parts = [*parts, wait.command]
+    held = 0.0 if wait is None else wait.timeout
+    raw = await wire.execute(b"".join(parts), len(parts), wait=held)
+    for reply in raw[: len(raw) - (wait is not None)]:
         if isinstance(reply, BaseException):
             kind = routing_error(reply)
             if kind is not None:
                 raise ConnectionLostError(f"{kind} from {wire.name}: the slot moved") from reply
             raise reply
+    return raw[-1] if wait is not None else None
 
 
 def _text(value: Any) -> str:

@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import msgpack
 
+from ._durable import WaitFor, durability, durably
 from ._errors import BrokerError, ClosedError, PermissionDeniedError, map_redis_errors
 from ._names import check_stop_name
 from ._pubsub import CHECK_INTERVAL, Listener
 from ._resource import AsyncResource, cancel_and_wait
+from ._wire import pack
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -217,17 +219,36 @@ class RemoteStopSource:
         self.name = check_stop_name(name)
         self.key = stop_key(broker.namespace, name)
 
-    async def stop(self, reason: str | None = None, *, ttl: float | None = None) -> int:
+    async def stop(
+        self,
+        reason: str | None = None,
+        *,
+        ttl: float | None = None,
+        replicas: int = 0,
+        replica_timeout: float = 5.0,
+    ) -> int:
         """Record the stop (expiring after ``ttl`` seconds if given) and publish it.
 
         Returns how many pub/sub connections the server sent it to (a host whose network is
         cut still counts until the server notices); every token also reads the key after a
         reconnect and every few seconds, so a lost message delays the stop but never loses it.
+        With ``replicas``, returns only once that many replicas have the record (``WAIT``), so
+        it survives a failover of the master.
+
+        :raises ReplicationTimeoutError: if fewer replicas confirmed the record in
+            ``replica_timeout`` seconds (firing again is harmless).
         """
         if ttl is not None and ttl <= 0:
             raise ValueError(f"ttl must be > 0 seconds, got {ttl!r}")
+        wait = durability(replicas, replica_timeout)
         value = _encode(reason)
         r = self.broker.redis
+        if wait is not None:
+            receivers = await self._stop_durably(value, ttl, wait)
+            hub = self.broker._hub
+            if hub is not None:
+                hub._fire(self.key, reason)
+            return receivers
 
         async def fire() -> int:
             # one MULTI: the record and the message (on a cluster SPUBLISH, whose channel is
@@ -252,6 +273,29 @@ class RemoteStopSource:
         if hub is not None:
             hub._fire(self.key, reason)
         return receivers
+
+    async def _stop_durably(self, value: bytes, ttl: float | None, wait: WaitFor) -> int:
+        """The record and the message in one ``MULTI``, then ``WAIT``, on one connection."""
+        b = self.broker
+        expiry: list[bytes | str | int] = [] if ttl is None else [b"PX", int(ttl * 1000)]
+        publish = b"SPUBLISH" if b.cluster else b"PUBLISH"
+        commands = [
+            pack(b"MULTI"),
+            pack(b"SET", self.key, value, *expiry),
+            pack(publish, self.key, value),
+            pack(b"EXEC"),
+        ]
+        try:
+            replies, waited = await durably(b.topology, b.settings.retry, self.key, commands, wait)
+        except PermissionDeniedError as exc:
+            raise PermissionDeniedError(
+                f"cannot fire stop {self.name!r} (key and pub/sub channel {self.key!r}): {exc}"
+            ) from exc
+        error = wait.error(f"stop record {self.key!r}", waited)
+        if error is not None:
+            raise error
+        executed = replies[-1]
+        return int(executed[1]) if isinstance(executed, list) and len(executed) == 2 else 0
 
     async def reset(self) -> bool:
         """Clear a recorded stop so the name can be used again; True if one was recorded.

@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
+from ._durable import durability
 from ._errors import BrokerError, ClosedError, ConfigurationError, ConnectionLostError
 from ._ledger import Ledger
 from ._message import Message
@@ -117,6 +118,10 @@ class Subscription(AsyncResource, Generic[T]):
     :param max_deliveries: deliveries after which a failing message goes to the dead letters.
     :param retry_delay: first backoff of ``nack()`` without a delay; doubles up to ``retry_max``.
     :param prune_idle: consumers with nothing pending and idle this long are deleted.
+    :param replicas: acks and dead-letter moves wait until that many replicas have them
+        (``WAIT``, at most ``replica_timeout`` seconds; a shortfall is logged: after a failover
+        such a message may be delivered again). Fewer duplicates after a failover, never fewer
+        losses: an ack lost with its master only means a redelivery.
     """
 
     def __init__(
@@ -136,6 +141,8 @@ class Subscription(AsyncResource, Generic[T]):
         retry_max: float = 60.0,
         prune_idle: float = 3600.0,
         dead_maxlen: int = 100_000,
+        replicas: int = 0,
+        replica_timeout: float = 5.0,
     ) -> None:
         self.link = link
         self.group = check_group(group)
@@ -171,6 +178,7 @@ class Subscription(AsyncResource, Generic[T]):
         self.retry_max = retry_max
         self.prune_idle = prune_idle
         self.dead_maxlen = dead_maxlen
+        self._wait = durability(replicas, replica_timeout)
         self.streams: list[Stream] = []
         self._ledger: Ledger[T] | None = None
         self._settler: Settler | None = None
@@ -210,7 +218,7 @@ class Subscription(AsyncResource, Generic[T]):
         self.streams = streams
         calls = GroupCalls(self.link, self.group, streams)
         self._calls = calls
-        settler = Settler(self.link, calls, self.consumer, streams, self.dead_maxlen)
+        settler = Settler(self.link, calls, self.consumer, streams, self.dead_maxlen, self._wait)
         ledger: Ledger[T] = Ledger(
             self.link,
             calls,
