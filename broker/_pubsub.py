@@ -6,7 +6,8 @@ On one server it uses ``SUBSCRIBE``/``PUBLISH``. On a cluster it uses sharded pu
 channel named with a key's hash tag (``ns:{orders}``) is served by that key's node, and the hub
 keeps a connection to each node that serves one of its channels. When the slot map changes
 (a failover, a resharding) or a node drops a subscription (``sunsubscribe`` after its slot
-moved), the hub subscribes on the new node.
+moved), the hub subscribes on the new node. Behind Sentinel, when the master moves, every
+connection is dropped and made again (to the new master), as after a lost connection.
 
 Pub/sub is at-most-once: a message published while a connection was down is lost. So every
 listener says what to do after a gap (``on_gap``: re-read the state the messages describe),
@@ -90,7 +91,7 @@ class Hub:
         """Register ``listeners`` together: the subscriptions of each node leave in one round
         trip (one command per slot on a cluster) before the confirmations are awaited."""
         async with self._lock:
-            if self.sharded and self._watcher is None:
+            if self._watcher is None and (self.sharded or self.link.topology.sentinel):
                 self._watcher = self._spawn(self._follow_topology(), "broker-pubsub-topology")
             new: dict[_Line, list[str]] = {}
             for listener in listeners:
@@ -199,10 +200,15 @@ class Hub:
         await self._gap(channels)
 
     async def _follow_topology(self) -> None:
-        """On a cluster: move the channels whose slot changed node."""
+        """On a cluster: move the channels whose slot changed node. Behind Sentinel: the master
+        moved (the old one may still be up, but no longer gets the publishes): reconnect."""
         topology = self.link.topology
         while True:
             await topology.wait_changed()
+            if not self.sharded:
+                for line in list(self._lines.values()):
+                    await line.drop("the master moved")
+                continue
             moved = [
                 c for c, line in list(self._home.items()) if topology.wire_for(c).name != line.name
             ]
@@ -295,6 +301,14 @@ class _Line:
                     if isinstance(exc, ConnectionLostError)
                     else ConnectionLostError(f"no subscribe confirmation from {self.name}")
                 )
+
+    async def drop(self, reason: str) -> None:
+        """Close the connection under the reader: it reconnects (where the server is now),
+        resubscribes and tells the listeners about the gap, as after a lost connection."""
+        connection = getattr(self._pubsub, "connection", None)
+        if connection is not None:
+            log.info("pub/sub %s: reconnecting (%s)", self.name, reason)
+            await connection.disconnect()
 
     async def unsubscribe(self, channel: str) -> None:
         await self.unsubscribe_many([channel])

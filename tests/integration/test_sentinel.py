@@ -410,3 +410,30 @@ async def test_a_worker_and_stop_tokens_ride_a_killed_master(
         f"processes within {stop_took:.1f}s of it"
     )
 
+
+
+async def test_pubsub_follows_the_master_at_once(
+    sentinel: EmbeddedSentinel, namespace: str, name: str
+) -> None:
+    """After ``SENTINEL FAILOVER`` the old master stays up, a master for several seconds more:
+    the stop tokens' pub/sub connection must move to the new master when the sentinels announce
+    it, not stay where publishes no longer arrive (tokens would then fire only at their next
+    poll of the record, and doorbells would not ring)."""
+    async with (
+        broker.connect(sentinel.url, namespace=namespace) as a,
+        broker.connect(sentinel.url, namespace=namespace) as c,
+    ):
+        async with a.stop_token(name) as token:
+            old = sentinel.master()
+            await asyncio.to_thread(sentinel.failover)
+            new = await asyncio.to_thread(sentinel.wait_master, old.port, 30)
+            async with asyncio.timeout(10):
+                while a.topology.master != ("127.0.0.1", new.port):
+                    await asyncio.sleep(0.02)
+                while a._pubsub_hub().reconnects < 1 or not a._pubsub_hub().listening(token.key):
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+            receivers = await c.stop_source(name).stop("moved")
+            await asyncio.wait_for(token.wait(), 5)
+        await c.stop_source(name).reset()
+    assert receivers >= 1, "the token's pub/sub connection is not on the new master"
