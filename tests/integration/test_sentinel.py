@@ -411,7 +411,6 @@ async def test_a_worker_and_stop_tokens_ride_a_killed_master(
     )
 
 
-
 async def test_pubsub_follows_the_master_at_once(
     sentinel: EmbeddedSentinel, namespace: str, name: str
 ) -> None:
