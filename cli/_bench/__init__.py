@@ -7,7 +7,8 @@ of a consumer facing a large backlog, and consumer processes in one group; media
 repetitions, as Markdown and one JSON line.
 
 Modules: ``harness`` (the run), ``raw``, ``library``, ``faststream`` (the scenarios),
-``latency``, ``processes`` + ``child`` (consumer subprocesses), ``report`` (tables, targets).
+``latency``, ``processes`` + ``child`` (consumer subprocesses), ``durable`` (the cost of
+``replicas=1``), ``report`` (tables, targets).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def _server(config: Config) -> Iterator[str]:
     "--only",
     metavar="LIST",
     help="Comma-separated scenarios: publish, consume, latency, memory, processes, cluster, "
-    "channels, raw, lib, faststream, or ids like lib.iterate. Default: all.",
+    "channels, durable (replicas=1 against the default), raw, lib, faststream, or ids like "
+    "lib.iterate. Default: all.",
 )
 @click.option(
     "--faststream/--no-faststream",

@@ -16,8 +16,8 @@ from typing import Any
 
 import broker
 
+from . import durable, latency, library, processes, raw, scale
 from . import faststream as fs
-from . import latency, library, processes, raw, scale
 from .common import (
     Run,
     Summary,
@@ -51,13 +51,16 @@ GROUPS: dict[str, list[str]] = {
     # scaling out (issue 13): a cluster against one server; many channels in a subscription
     "cluster": ["cluster"],
     "channels": ["channels"],
+    # failover (issue 14): replicas=1 against the default
+    "durable": durable.DURABLE,
 }
-ALL = [*THROUGHPUT, "latency", "memory", "processes", "cluster", "channels"]
+ALL = [*THROUGHPUT, "latency", "memory", "processes", "cluster", "channels", *durable.DURABLE]
 
 
 def select(only: str | None) -> list[str]:
     """Scenario ids from ``--only``: group names (publish, consume, latency, memory,
-    processes), scenario ids (``lib.iterate``) or their prefixes (``raw``, ``lib``, ``fs``).
+    processes, durable), scenario ids (``lib.iterate``) or their prefixes (``raw``, ``lib``,
+    ``fs``).
 
     :raises ValueError: naming the valid words.
     """
@@ -120,6 +123,8 @@ class Results:
     latency: dict[str, dict[int, latency.Latency]] = dataclasses.field(default_factory=dict)
     memory: list[processes.Memory] = dataclasses.field(default_factory=list)
     processes: dict[int, Summary] = dataclasses.field(default_factory=dict)
+    #: replicas=1 against the default (on a master with a replica)
+    durable: durable.Durable | None = None
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     cluster: scale.ClusterResult | None = None
     channels: list[scale.ChannelsResult] = dataclasses.field(default_factory=list)
@@ -280,6 +285,19 @@ async def run(url: str, opts: Options, note: Note, prefix: str = "broker") -> Re
                     note,
                     idle_seconds=3.0 if opts.channel_messages >= 1000 else 0.5,
                 ),
+            )
+        chosen = [s for s in durable.DURABLE if s in wanted]
+        if chosen:
+            results.durable = await durable.run(
+                url,
+                prefix,
+                chosen,
+                messages=opts.messages,
+                tasks=opts.tasks,
+                repeat=opts.repeat,
+                rate=opts.rates[0],
+                seconds=opts.latency_seconds,
+                note=note,
             )
         results.seconds = time.perf_counter() - started
         return results

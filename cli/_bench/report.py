@@ -252,6 +252,8 @@ def table(res: Results) -> str:
             f"{x.max_held} | {x.consumed:,} |"
             for x in res.memory
         ]
+    if res.durable is not None:
+        lines += _durable(res)
     if res.processes:
         one = res.processes.get(min(res.processes))
         lines += [
@@ -284,6 +286,45 @@ def table(res: Results) -> str:
     return "\n".join(lines)
 
 
+def _durable(res: Results) -> list[str]:
+    d = res.durable
+    assert d is not None
+    o = res.options
+    lines = [
+        "",
+        f"### Durable publishes: `replicas=1` (one `WAIT` per pipelined batch) against the "
+        f"default, on {d.where}",
+        "",
+        "| path | replicas=0 msg/s | replicas=1 msg/s | x default | CPU µs/msg 0 / 1 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {
+        "durable.publish": f"`publish()` from {o.tasks} tasks",
+        "durable.publish_many": "`publish_many(batch=1000)`",
+    }
+    for sid, sides in d.throughput.items():
+        plain, waited = sides.get(0), sides.get(1)
+        if plain is None or waited is None:
+            continue
+        rel = waited.rate / plain.rate if plain.rate else None
+        lines.append(
+            f"| {names.get(sid, sid)} | {plain.rate:,.0f} | {waited.rate:,.0f} | {_x(rel)} | "
+            f"{plain.cpu_us:.1f} / {waited.cpu_us:.1f} |"
+        )
+    if d.latency:
+        plain_l, waited_l = d.latency.get(0), d.latency.get(1)
+        lines += [
+            "",
+            f"An awaited `publish()` at {d.rate:,} msg/s ({o.latency_seconds:g} s), ms:",
+            "",
+            "| replicas | p50 | p99 | max |",
+            "|---:|---:|---:|---:|",
+            f"| 0 | {_lat(plain_l, 'p50')} | {_lat(plain_l, 'p99')} | {_lat(plain_l, 'max')} |",
+            f"| 1 | {_lat(waited_l, 'p50')} | {_lat(waited_l, 'p99')} | {_lat(waited_l, 'max')} |",
+        ]
+    return lines
+
+
 def json_line(res: Results) -> str:
     """Everything on one line (the last line of ``broker bench``'s output)."""
     through: dict[str, Any] = {}
@@ -310,6 +351,7 @@ def json_line(res: Results) -> str:
         },
         "memory": [m.to_json() for m in res.memory],
         "processes": {str(k): s.to_json() for k, s in res.processes.items()},
+        "durable": None if res.durable is None else res.durable.to_json(),
         "targets": [dataclasses.asdict(t) for t in targets(res)],
         "cluster": None if res.cluster is None else res.cluster.to_json(),
         "channels": [c.to_json() for c in res.channels],
