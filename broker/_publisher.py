@@ -112,6 +112,10 @@ class Publisher:
     While a pipeline is on the wire, new publishes queue up and leave together in the next one,
     so coalescing costs no added latency; ``linger`` adds a fixed wait to collect more. One
     task and FIFO batches keep the order of publishes made by any one task.
+
+    Publishes that wait for replicas (``XAdd.wait``) have a lane of their own: their queue and
+    up to ``max_pipelines`` pipelines of their own, so that batches held by a ``WAIT`` never
+    hold the publishes that do not wait (their batches are split by what they wait for).
     """
 
     def __init__(
@@ -134,6 +138,8 @@ class Publisher:
         self._max_queue = max_queue
         self._linger = linger
         self._queue: collections.deque[tuple[XAdd, asyncio.Future[str]]] = collections.deque()
+        #: the durable lane's queue
+        self._waiting: collections.deque[tuple[XAdd, asyncio.Future[str]]] = collections.deque()
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
@@ -142,43 +148,61 @@ class Publisher:
         #: arriving while one is out need not wait for its reply (the order of one task's
         #: publishes holds: each waits for its id)
         self._in_flight = 0
+        #: the same for the durable lane
+        self._in_flight_waiting = 0
         self._max_pipelines = max_pipelines
         self._slot_free = asyncio.Event()
         self._batches = 0
         self._published = 0
         self._largest = 0
-        #: queued entries that wait for replicas: their batches are split by what they wait for
-        self._durable = 0
 
     def statistics(self) -> PublisherStatistics:
-        return PublisherStatistics(len(self._queue), self._batches, self._published, self._largest)
+        queued = len(self._queue) + len(self._waiting)
+        return PublisherStatistics(queued, self._batches, self._published, self._largest)
 
     async def submit(self, item: XAdd) -> str:
         """Queue one entry and wait for its id (waits for room when the queue is full)."""
-        while len(self._queue) >= self._max_queue:
+        while len(self._queue) + len(self._waiting) >= self._max_queue:
             self._space.clear()
             await self._space.wait()
         if self._closed:
             raise ClosedError("the broker is closed; publish inside `async with connect()`")
+        if item.wait is not None:
+            return await self._submit_waiting(item)
         if not self._queue and self._in_flight < self._max_pipelines and not self._linger:
             # a pipeline is free and nothing waits: send now, skipping the hand-off to the
             # drain task (two task switches and a future less); when every pipeline is out,
             # publishes queue up and leave together in the next free one
             self._in_flight += 1
             try:
-                (result,) = await send_batch(
-                    self._topology, [item], self._retry, self._bells, item.wait
-                )
+                (result,) = await send_batch(self._topology, [item], self._retry, self._bells)
             finally:
-                self._release()
+                self._release(None)
             self._count(1)
             if isinstance(result, BaseException):
                 raise result
             return result
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut))
-        if item.wait is not None:
-            self._durable += 1
+        self._wake.set()
+        return await fut
+
+    async def _submit_waiting(self, item: XAdd) -> str:
+        """:meth:`submit` in the durable lane."""
+        if not self._waiting and self._in_flight_waiting < self._max_pipelines and not self._linger:
+            self._in_flight_waiting += 1
+            try:
+                (result,) = await send_batch(
+                    self._topology, [item], self._retry, self._bells, item.wait
+                )
+            finally:
+                self._release(item.wait)
+            self._count(1)
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, fut))
         self._wake.set()
         return await fut
 
@@ -196,14 +220,19 @@ class Publisher:
         finally:
             # cancelled while draining (the broker's close was cancelled): nobody may wait forever
             self._closed = True
-            self._durable = 0
-            while self._queue:
-                _, fut = self._queue.popleft()
-                if not fut.done():
-                    fut.set_exception(ClosedError("the broker closed before this entry was sent"))
+            for queue in (self._queue, self._waiting):
+                while queue:
+                    _, fut = queue.popleft()
+                    if not fut.done():
+                        fut.set_exception(
+                            ClosedError("the broker closed before this entry was sent")
+                        )
 
-    def _release(self) -> None:
-        self._in_flight -= 1
+    def _release(self, wait: WaitFor | None) -> None:
+        if wait is None:
+            self._in_flight -= 1
+        else:
+            self._in_flight_waiting -= 1
         self._slot_free.set()
 
     def _count(self, n: int) -> None:
@@ -211,14 +240,11 @@ class Publisher:
         self._published += n
         self._largest = max(self._largest, n)
 
-    async def _in_flight_below(self, limit: int) -> None:
-        while self._in_flight >= limit:
-            self._slot_free.clear()
-            await self._slot_free.wait()
-
     async def wait_idle(self) -> None:
         """Wait until no pipeline is on the wire (direct sends run in the callers' tasks)."""
-        await self._in_flight_below(1)
+        while self._in_flight or self._in_flight_waiting:
+            self._slot_free.clear()
+            await self._slot_free.wait()
 
     def close(self) -> None:
         """Refuse new publishes; :meth:`run` sends what was accepted, then returns."""
@@ -227,27 +253,34 @@ class Publisher:
         self._space.set()
 
     async def _drain(self, pipelines: asyncio.TaskGroup) -> None:
-        while self._queue:
-            await self._in_flight_below(self._max_pipelines)
-            if not self._queue:
-                return
-            n = min(len(self._queue), self._max_batch)
-            batch = [self._queue.popleft() for _ in range(n)]
-            self._space.set()
-            if not self._durable:
+        """Send what is queued, in batches, as pipelines free up in each lane."""
+        limit = self._max_pipelines
+        while self._queue or self._waiting:
+            sent = False
+            if self._queue and self._in_flight < limit:
                 self._in_flight += 1
+                batch = self._take(self._queue)
                 pipelines.create_task(self._send(batch, None))
-                continue
-            # entries that wait for replicas leave apart from those that do not (a WAIT must
-            # not hold them), one pipeline per kind of wait
-            parts: dict[WaitFor | None, list[tuple[XAdd, asyncio.Future[str]]]] = {}
-            for entry in batch:
-                parts.setdefault(entry[0].wait, []).append(entry)
-            for wait, part in parts.items():
-                if wait is not None:
-                    self._durable -= len(part)
-                self._in_flight += 1
-                pipelines.create_task(self._send(part, wait))
+                sent = True
+            if self._waiting and self._in_flight_waiting < limit:
+                # one pipeline per kind of wait (replicas and timeout)
+                parts: dict[WaitFor | None, list[tuple[XAdd, asyncio.Future[str]]]] = {}
+                for entry in self._take(self._waiting):
+                    parts.setdefault(entry[0].wait, []).append(entry)
+                for wait, part in parts.items():
+                    self._in_flight_waiting += 1
+                    pipelines.create_task(self._send(part, wait))
+                sent = True
+            if not sent:  # every pipeline of the lanes with work is out: wait for one
+                self._slot_free.clear()
+                await self._slot_free.wait()
+
+    def _take(
+        self, queue: collections.deque[tuple[XAdd, asyncio.Future[str]]]
+    ) -> list[tuple[XAdd, asyncio.Future[str]]]:
+        batch = [queue.popleft() for _ in range(min(len(queue), self._max_batch))]
+        self._space.set()
+        return batch
 
     async def _send(
         self, batch: list[tuple[XAdd, asyncio.Future[str]]], wait: WaitFor | None
@@ -264,7 +297,7 @@ class Publisher:
             _fail(batch, ClosedError("the broker closed before this entry was sent"))
             raise
         finally:
-            self._release()
+            self._release(wait)
         self._count(len(batch))
         for (_, fut), result in zip(batch, ids, strict=True):
             if fut.done():

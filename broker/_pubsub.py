@@ -308,7 +308,10 @@ class _Line:
         connection = getattr(self._pubsub, "connection", None)
         if connection is not None:
             log.info("pub/sub %s: reconnecting (%s)", self.name, reason)
-            await connection.disconnect()
+            try:
+                await connection.disconnect()
+            except Exception as exc:  # closing a broken connection: it is dropped anyway
+                log.debug("pub/sub %s: closing failed (%s)", self.name, exc)
 
     async def unsubscribe(self, channel: str) -> None:
         await self.unsubscribe_many([channel])

@@ -137,8 +137,6 @@ class Topology:
             return self.single
         wire = self._slots[slot_of(key)]
         if wire is None:
-            import redis.exceptions as rex
-
             raise rex.ConnectionError(f"no cluster node serves the slot of {key!r} (yet)")
         return wire
 
@@ -233,8 +231,7 @@ class Topology:
             pool.master_address = found
             assert self.single is not None
             for p in (pool, self.single.pool):
-                await p.disconnect(inuse_connections=False)
-                await p.update_active_connections_for_reconnect()
+                await _drop_connections(p)
             self._bump()
             log.warning(
                 "sentinel: the master of %r moved from %s to %s (%s); reconnecting to it",
@@ -271,7 +268,7 @@ class Topology:
                     if time.monotonic() >= next_ask:
                         await self.refresh("a periodic check")
                         next_ask = time.monotonic() + every
-            except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            except Exception as exc:  # whatever it is, the next sentinel may do better
                 log.debug("sentinel watch: %s; trying the next sentinel", exc)
                 await asyncio.sleep(min(1.0, every))
             finally:
@@ -305,6 +302,15 @@ class Topology:
         for wire in wires:
             if wire is not None:
                 await wire.aclose()
+
+
+async def _drop_connections(pool: Any) -> None:
+    """Close the idle connections of ``pool``; those in use close when they are released
+    (redis-py >= 6: before that, they stay until they fail)."""
+    await pool.disconnect(inuse_connections=False)
+    mark = getattr(pool, "update_active_connections_for_reconnect", None)
+    if mark is not None:
+        await mark()
 
 
 def _address(found: Any) -> tuple[str, int] | None:

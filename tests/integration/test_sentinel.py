@@ -182,6 +182,17 @@ async def test_durable_publishes_wait_for_the_replica(
         assert 0.3 <= took < 5, took
         with pytest.raises(broker.ReplicationTimeoutError):
             await strict.publish_many(range(3))
+        # a WAIT that cannot be met holds the publishes that asked for it, and no other: the
+        # durable ones fill every pipeline of their lane, the plain ones still go through
+        held = b.channel(name, replicas=2, replica_timeout=3.0)
+        slow = [asyncio.create_task(held.publish(i)) for i in range(20)]
+        await asyncio.sleep(0)
+        fast = await asyncio.wait_for(
+            asyncio.gather(*(held.publish(i, replicas=0) for i in range(20))), 10
+        )
+        assert len(fast) == 20 and not any(t.done() for t in slow)
+        outcomes = await asyncio.gather(*slow, return_exceptions=True)
+        assert all(isinstance(o, broker.ReplicationTimeoutError) for o in outcomes), outcomes
         with pytest.raises(broker.ConfigurationError, match="replicas must be"):
             b.channel(name, replicas=-1)
         with pytest.raises(broker.ConfigurationError, match="replica_timeout"):
