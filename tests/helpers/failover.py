@@ -2,6 +2,11 @@
 channel, consumers that hold each message a moment before acking it (so that entries are
 pending when the master dies), and the bookkeeping the tests compare and report.
 
+With ``bulk`` (another channel on the same node), two more producers write ``publish_many``
+blocks as fast as they are answered, one with ``replicas=1`` and one without, so that much is
+in flight when the master dies; nobody consumes that channel: what was acknowledged is compared
+with what the promoted replica holds.
+
 Every payload is ``{"k": "durable" | "plain", "i": <sequence>}``: unique, so messages are
 compared by payload, not by id (a promoted replica may hand out again an id that the dead master
 had returned for an entry it lost).
@@ -27,6 +32,10 @@ class Report:
     durable_lost: list[int]
     plain_ok: int
     plain_lost: list[int]
+    bulk_durable_ok: int
+    bulk_durable_lost: list[int]
+    bulk_plain_ok: int
+    bulk_plain_lost: list[int]
     failed: list[str]
     duplicates: int
     consumer_gap: float
@@ -36,7 +45,10 @@ class Report:
         return (
             f"{label}: replicas=1: {self.durable_ok} acknowledged, {len(self.durable_lost)} "
             f"lost, {self.durable_uncertain} not confirmed (ReplicationTimeoutError); "
-            f"replicas=0: {self.plain_ok} acknowledged, {len(self.plain_lost)} lost; "
+            f"replicas=0: {self.plain_ok} acknowledged, {len(self.plain_lost)} lost; bulk "
+            f"publish_many with replicas=1: {self.bulk_durable_ok} acknowledged, "
+            f"{len(self.bulk_durable_lost)} lost; without: {self.bulk_plain_ok} acknowledged, "
+            f"{len(self.bulk_plain_lost)} lost; "
             f"{self.duplicates} duplicate deliveries; consumers' gap {self.consumer_gap:.2f}s, "
             f"publishers' gap {self.publish_gap:.2f}s; other errors: {len(self.failed)}"
         )
@@ -59,6 +71,8 @@ class Load:
         hold: float = 0.005,
         group: str = "g",
         brokers: list[broker.Broker] | None = None,
+        bulk: broker.Channel[Any] | None = None,
+        block: int = 100,
     ) -> None:
         self.b = b
         self.channel = channel
@@ -69,6 +83,10 @@ class Load:
         self.group = group
         #: one broker per consumer (separate processes' worth of connections), default ``b``
         self.brokers = brokers or [b] * consumers
+        self.bulk = bulk
+        self.block = block
+        #: bulk: sequence -> acknowledged, per kind
+        self.bulk_ok: dict[str, set[int]] = {"durable": set(), "plain": set()}
         #: sequence -> id returned, per kind
         self.ok: dict[str, dict[int, str]] = {"durable": {}, "plain": {}}
         self.uncertain: dict[int, str] = {}
@@ -76,7 +94,7 @@ class Load:
         #: (kind, sequence) -> when consumed (each delivery)
         self.consumed: dict[tuple[str, int], list[float]] = {}
         self.returned_at: list[float] = []
-        self._seq = {"durable": 0, "plain": 0}
+        self._seq = {"durable": 0, "plain": 0, "bulk-durable": 0, "bulk-plain": 0}
         self._producing = asyncio.Event()
         self._consuming = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -89,6 +107,9 @@ class Load:
         for _ in range(self.producers):
             self._tasks.append(asyncio.create_task(self._produce("durable", None)))
             self._tasks.append(asyncio.create_task(self._produce("plain", 0)))
+        if self.bulk is not None:
+            self._tasks.append(asyncio.create_task(self._produce_bulk("durable", 1)))
+            self._tasks.append(asyncio.create_task(self._produce_bulk("plain", 0)))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -114,6 +135,24 @@ class Load:
                 self.returned_at.append(time.monotonic())
             await asyncio.sleep(pause)
 
+    async def _produce_bulk(self, kind: str, replicas: int) -> None:
+        assert self.bulk is not None
+        while self._producing.is_set():
+            first = self._seq[f"bulk-{kind}"]
+            self._seq[f"bulk-{kind}"] += self.block
+            seqs = range(first, first + self.block)
+            try:
+                await self.bulk.publish_many(
+                    [{"k": kind, "i": i} for i in seqs], batch=self.block, replicas=replicas
+                )
+            except broker.ReplicationTimeoutError:
+                pass  # not confirmed: may or may not be there
+            except broker.BrokerError as exc:
+                self.failed.append(f"bulk {kind} {first}: {type(exc).__name__}: {exc}")
+            else:
+                self.bulk_ok[kind].update(seqs)
+            await asyncio.sleep(0.02)
+
     async def _consume(self, k: int) -> None:
         b = self.brokers[k]
         ch = b.channel(self.channel.name)
@@ -134,11 +173,11 @@ class Load:
     def stop_producing(self) -> None:
         self._producing.clear()
 
-    async def on_server(self) -> set[tuple[str, int]]:
+    async def on_server(self, channel: broker.Channel[Any] | None = None) -> set[tuple[str, int]]:
         """The payloads the channel's stream holds now (read from the master)."""
         import msgpack
 
-        key = self.channel.key
+        key = (channel or self.channel).key
         rows = await self.b.call(lambda: self.b.redis.xrange(key))
         out = set()
         for _, fields in rows:
@@ -156,15 +195,22 @@ class Load:
                 return held
             await asyncio.sleep(0.2)
 
-    def report(self, since: float, held: set[tuple[str, int]]) -> Report:
+    async def report(self, since: float, held: set[tuple[str, int]]) -> Report:
         """What happened from ``since`` (the fault) on; ``held``: what the server holds."""
         consumed_at = sorted(t for times in self.consumed.values() for t in times)
+        bulk = set() if self.bulk is None else await self.on_server(self.bulk)
         return Report(
             durable_ok=len(self.ok["durable"]),
             durable_uncertain=len(self.uncertain),
             durable_lost=sorted(s for s in self.ok["durable"] if ("durable", s) not in held),
             plain_ok=len(self.ok["plain"]),
             plain_lost=sorted(s for s in self.ok["plain"] if ("plain", s) not in held),
+            bulk_durable_ok=len(self.bulk_ok["durable"]),
+            bulk_durable_lost=sorted(
+                s for s in self.bulk_ok["durable"] if ("durable", s) not in bulk
+            ),
+            bulk_plain_ok=len(self.bulk_ok["plain"]),
+            bulk_plain_lost=sorted(s for s in self.bulk_ok["plain"] if ("plain", s) not in bulk),
             failed=self.failed,
             duplicates=sum(len(v) - 1 for v in self.consumed.values()),
             consumer_gap=_gap(consumed_at, since),

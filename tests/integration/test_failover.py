@@ -155,7 +155,13 @@ async def test_killing_the_primary_of_a_channel_under_load(
     ):
         ch = b.channel(name, replicas=1, replica_timeout=1.0)
         slot = slot_of(ch.key)
-        async with Load(b, ch, brokers=[b, b2], hold=0.01) as load:
+        first_owner = healthy.node_of_slot(slot)
+        bulk = next(  # written in bulk, on the same primary
+            c
+            for c in (b.channel(f"{name}-bulk{i}", replica_timeout=1.0) for i in range(10_000))
+            if healthy.node_of_slot(slot_of(c.key)) is first_owner
+        )
+        async with Load(b, ch, brokers=[b, b2], hold=0.01, bulk=bulk) as load:
             await asyncio.sleep(1.5)
             owner = healthy.node_of_slot(slot)
             pending = (await b.redis.xpending(ch.key, "g"))["pending"]
@@ -169,7 +175,9 @@ async def test_killing_the_primary_of_a_channel_under_load(
             assert len(load.ok["durable"]) > after, "durable publishes did not resume"
             load.stop_producing()
             held = await load.wait_consumed(30)
-            report: Report = load.report(t0, held)
+            report: Report = await load.report(t0, held)
+            for key in (ch.key, bulk.key):
+                await b.redis.delete(key)
     line = report.line(f"cluster failover run {run}/{RUNS}")
     line += (
         f"; replica promoted after {promoted:.1f}s, with a replica again after {replicated:.1f}s"
@@ -178,6 +186,7 @@ async def test_killing_the_primary_of_a_channel_under_load(
     print("\n" + line)
     assert not report.failed, report.failed[:5]
     assert not report.durable_lost, f"acknowledged with replicas=1 and lost: {report.durable_lost}"
+    assert not report.bulk_durable_lost, f"bulk, replicas=1, lost: {report.bulk_durable_lost[:20]}"
     missing = sorted(held - load.consumed.keys())
     assert not missing, f"on the server but never consumed: {missing[:20]}"
     extra = [k for k in load.consumed if k[1] not in load.ok[k[0]] and k[1] not in load.uncertain]

@@ -281,7 +281,8 @@ async def test_failover_under_load_loses_no_durable_publish(
         broker.connect(sentinel.url, namespace=namespace, reconnect_deadline=30) as b2,
     ):
         ch = b.channel(name, replicas=1, replica_timeout=1.0)
-        async with Load(b, ch, brokers=[b, b2], hold=0.01) as load:
+        bulk = b.channel(f"{name}-bulk", replica_timeout=1.0)
+        async with Load(b, ch, brokers=[b, b2], hold=0.01, bulk=bulk) as load:
             await asyncio.sleep(1.5)
             pending = (await b.redis.xpending(ch.key, "g"))["pending"]
             assert pending > 0, "the consumers hold no pending entry: the test would prove less"
@@ -294,11 +295,13 @@ async def test_failover_under_load_loses_no_durable_publish(
             assert len(load.ok["durable"]) > after, "durable publishes did not resume"
             load.stop_producing()
             held = await load.wait_consumed(30)
-            report = load.report(t0, held)
+            report = await load.report(t0, held)
+            await b.redis.delete(ch.key, bulk.key)
     line = report.line(f"Sentinel, {how}")
     print(f"\n{line}; new master after {promoted:.1f}s, with a replica after {replicated:.1f}s")
     assert not report.failed, report.failed[:5]
     assert not report.durable_lost, f"acknowledged with replicas=1 and lost: {report.durable_lost}"
+    assert not report.bulk_durable_lost, f"bulk, replicas=1, lost: {report.bulk_durable_lost[:20]}"
     missing = sorted(held - load.consumed.keys())
     assert not missing, f"on the server but never consumed: {missing[:20]}"
     # every message that was handed out had been published (nothing invented)
