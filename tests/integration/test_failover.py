@@ -215,9 +215,11 @@ async def test_a_stop_fired_while_the_primary_is_down_reaches_every_process(
     ]  # fmt: skip
     try:
         async with broker.connect(healthy.url, namespace=namespace) as b:
-            await b.channel(name).publish_many(range(30))
-            async with asyncio.timeout(60):
-                while not all(o.exists() and "ack " in o.read_text() for o in outs):
+            async with asyncio.timeout(60):  # every process subscribed, then work for them
+                while not all(o.exists() and "ready" in o.read_text() for o in outs):
+                    await asyncio.sleep(0.05)
+                await b.channel(name).publish_many(range(30))
+                while sum(o.read_text().count("ack ") for o in outs) < 30:
                     await asyncio.sleep(0.05)
             killed_at = time.time()
             recovering = asyncio.create_task(
