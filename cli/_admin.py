@@ -255,14 +255,19 @@ def _default_reason() -> str:
 
 
 async def _stop(
-    config: Config, name: str, reason: str | None, ttl: float | None, reset: bool
+    config: Config,
+    name: str,
+    reason: str | None,
+    ttl: float | None,
+    reset: bool,
+    replicas: int = 0,
 ) -> int:
     """Fire (or clear) the stop; how many listeners received it (or 1 if a stop was cleared)."""
     async with config.connect() as b:
         source = b.stop_source(name)
         if reset:
             return int(await source.reset())
-        return await source.stop(reason or _default_reason(), ttl=ttl)
+        return await source.stop(reason or _default_reason(), ttl=ttl, replicas=replicas)
 
 
 @click.command()
@@ -275,17 +280,32 @@ async def _stop(
     help="Forget the stop after this long (hosts starting later no longer see it).",
 )
 @click.option("--reset", is_flag=True, help="Clear the stop instead, so streams may start again.")
+@click.option(
+    "--replicas",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Return only once N replicas have the record (WAIT; see Failover in the README).",
+)
 @click.pass_obj
-def stop(config: Config, name: str, reason: str | None, ttl: float | None, reset: bool) -> None:
+def stop(
+    config: Config,
+    name: str,
+    reason: str | None,
+    ttl: float | None,
+    reset: bool,
+    replicas: int,
+) -> None:
     """Fire the stop token NAME: every stream wrapped by it, on every host, ends between
     messages. The stop is also recorded, so hosts that connect later see it (until --ttl)."""
-    if reset and (reason is not None or ttl is not None):
-        raise click.UsageError("--reset takes no --reason or --ttl")
+    if reset and (reason is not None or ttl is not None or replicas):
+        raise click.UsageError("--reset takes no --reason, --ttl or --replicas")
     try:
         check_stop_name(name)  # before connecting: a bad name needs no server to be told
     except broker.ConfigurationError as exc:
         raise UserError(str(exc), exit_code=2) from None
-    result = run(_stop(config, name, reason, ttl, reset))
+    result = run(_stop(config, name, reason, ttl, reset, replicas))
     if reset:
         click.echo(f"reset stop token {name!r}" if result else f"stop token {name!r} was not set")
         return

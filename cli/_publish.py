@@ -69,6 +69,14 @@ def _headers(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     show_default=True,
     help="Entries per pipeline when reading stdin.",
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Return only once N replicas have the messages (WAIT; see Failover in the README).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Do not print the ids.")
 @click.pass_obj
 def publish(
@@ -81,6 +89,7 @@ def publish(
     whole: bool,
     codec: str,
     batch: int,
+    replicas: int,
     quiet: bool,
 ) -> None:
     """Publish DATA (JSON) to CHANNEL, or JSON lines from stdin; print the new ids.
@@ -102,7 +111,11 @@ def publish(
             payload = parse(os.fsencode(data))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="DATA") from None
-        run(_publish_one(config, channel, "raw" if raw else codec, payload, headers, quiet))
+        run(
+            _publish_one(
+                config, channel, "raw" if raw else codec, payload, headers, quiet, replicas
+            )
+        )
         return
     stdin = sys.stdin.buffer
     if _isatty(stdin):
@@ -118,6 +131,7 @@ def publish(
             batch=batch,
             whole=whole,
             quiet=quiet,
+            replicas=replicas,
         )
     )
 
@@ -162,10 +176,17 @@ def _print_ids(ids: list[str]) -> None:
 
 
 async def _publish_one(
-    config: Config, name: str, codec: str, payload: Any, headers: dict[str, str], quiet: bool
+    config: Config,
+    name: str,
+    codec: str,
+    payload: Any,
+    headers: dict[str, str],
+    quiet: bool,
+    replicas: int = 0,
 ) -> None:
     async with config.connect() as b:
-        msg_id = await b.channel(name, codec=codec).publish(payload, headers=headers or None)
+        ch = b.channel(name, codec=codec, replicas=replicas)
+        msg_id = await ch.publish(payload, headers=headers or None)
     if not quiet:
         _print_ids([msg_id])
 
@@ -181,11 +202,12 @@ async def _publish_stdin(
     batch: int,
     whole: bool,
     quiet: bool,
+    replicas: int = 0,
 ) -> None:
     parse = _parser(mode)
     published = 0
     async with config.connect() as b, StdinChunks(stdin) as chunks:
-        ch = b.channel(name, codec=codec)
+        ch = b.channel(name, codec=codec, replicas=replicas)
         if whole:
             body = b"".join([c async for c in chunks])
             try:

@@ -137,6 +137,22 @@ def test_the_cli_works_unchanged_through_sentinel(
     )
     assert out.returncode == 0, out.stderr
     assert mid in out.stdout and '"n": 1' in out.stdout
+    # durable from the command line: the publish and the stop record wait for the replica
+    for args in (["publish", name, '{"n": 2}', "--replicas", "1"],
+                 ["stop", name, "--replicas", "1"], ["stop", "--reset", name]):  # fmt: skip
+        out = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (args, out.stderr)
+    # two replicas asked, one exists: one line saying what happened, status 1
+    out = subprocess.run(
+        [*cli, "publish", name, '{"n": 3}', "--replicas", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out
+    assert "may or may not survive" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 # -- durable publishes ------------------------------------------------------------------------
