@@ -46,7 +46,8 @@ def _run(main: Coroutine[Any, Any, Outcome]) -> Outcome:
         except ImportError:
             pass
         else:
-            return uvloop.run(main)
+            outcome: Outcome = uvloop.run(main)  # typed Any where uvloop is not installed
+            return outcome
     return asyncio.run(main)
 
 
