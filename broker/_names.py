@@ -83,7 +83,7 @@ def channel_from_key(namespace: str, key: str) -> str | None:
     if key.startswith(prefix) and key.endswith("}"):
         name = key[len(prefix) : -1]
         base, sep, part = name.rpartition("#")
-        if sep and part.isdigit():
+        if sep and part.isascii() and part.isdigit():
             name = base
         if _NAME_RE.fullmatch(name):
             return name

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ._decode import decode_entry
-from ._errors import BrokerError, ConnectionLostError
+from ._errors import BrokerError, ConnectionLostError, RedisCommandError
 from ._ledger import Ledger
 from ._pubsub import Listener
 from ._resource import cancel_and_wait
@@ -459,8 +459,18 @@ class Reader:
                 raise ConnectionLostError(f"{kind} from {self.wire.name}") from reply
             raise reply
         if isinstance(reply, dict):  # RESP3 (redis-py's default protocol since 8.0) sends a map
-            return list(reply.items())
-        return reply or []
+            items = list(reply.items())
+        else:
+            items = reply or []
+        # what no Redis sends (a proxy's, a "compatible" server's): a typed error, not a crash
+        # of the read loop
+        if not isinstance(items, list) or not all(
+            isinstance(x, list | tuple) and len(x) == 2 and x[0] in self.by_key
+            and isinstance(x[1], list)
+            for x in items
+        ):  # fmt: skip
+            raise RedisCommandError(f"unexpected reply to XREADGROUP: {reply!r:.200}")
+        return items
 
     # -- turning entries into messages --------------------------------------------------------
 
