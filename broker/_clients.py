@@ -10,18 +10,20 @@ after a reconnect, subscriptions replay their pending entries).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 
 from ._settings import Endpoint, Settings
 
-__all__ = ["client_options", "cluster_client", "sentinel_client", "single_client"]
+__all__ = ["EpochSentinel", "client_options", "cluster_client", "sentinel_client", "single_client"]
 
 CLIENT_NAME = "broker-py"
 
@@ -93,7 +95,7 @@ async def sentinel_client(settings: Settings, endpoint: Endpoint) -> Any:
     }
     if tls:
         watch.update(ssl, ssl=True)
-    sentinel = Sentinel(endpoint.hosts, sentinel_kwargs=watch)  # type: ignore[no-untyped-call]
+    sentinel = EpochSentinel(endpoint.hosts, sentinel_kwargs=watch)
     assert endpoint.service is not None
     client = sentinel.master_for(
         endpoint.service, redis_class=aioredis.Redis, **{**options, **node}
@@ -106,3 +108,51 @@ async def sentinel_client(settings: Settings, endpoint: Endpoint) -> Any:
         await sentinel.aclose()
         raise
     return client
+
+
+class EpochSentinel(Sentinel):
+    """redis-py's ``Sentinel``, asking every sentinel where the master is and believing the
+    newest configuration (the highest ``config-epoch``) among the first majority to answer.
+
+    redis-py believes the first sentinel that names a master it does not think is down. A
+    sentinel that has not yet heard of a failover names the old master, and once that node is
+    started again (empty, and a master until the sentinels make it a replica) it is not down:
+    every connection then went to the empty old master, whose writes are lost when it becomes a
+    replica. Every failover raises the epoch, so the newest answer names the promoted node.
+    Waiting for a majority, not for all, keeps one silent sentinel from slowing every connect.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors: list[str] = []
+        found: list[tuple[int, str, int]] = []
+        need = len(self.sentinels) // 2 + 1
+
+        async def ask(sentinel: Any) -> None:
+            try:
+                masters = await sentinel.sentinel_masters()
+            except (OSError, rex.ConnectionError, rex.TimeoutError, rex.ResponseError) as exc:
+                errors.append(f"{sentinel}: {type(exc).__name__}: {exc}")
+                return
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                found.append((int(state.get("config-epoch", 0)), state["ip"], int(state["port"])))
+            else:
+                errors.append(f"{sentinel}: no master for {service_name!r}")
+
+        pending = {asyncio.ensure_future(ask(s)) for s in self.sentinels}
+        try:
+            while pending and len(found) + len(errors) < need:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            while pending and not found:  # no answer named a master yet: the others may
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        if not found:
+            raise MasterNotFoundError(f"No master found for {service_name!r}: {', '.join(errors)}")
+        _, ip, port = max(found)
+        if self._force_master_ip is not None:
+            ip = self._force_master_ip
+        return ip, port

@@ -24,6 +24,16 @@ from broker._server_cluster import EmbeddedCluster
 from broker.pytest_plugin import _SERVER_NOTE
 from broker.testing import isolated
 
+# Hypothesis' pytest plugin imports the package lazily, in its terminal summary hook, deep in
+# pytest's stack and late in the run. On Debian 12's CPython 3.11.2 (the compose ``tests``
+# service) compiling it there once failed with "SystemError: AST constructor recursion depth
+# mismatch" (a CPython 3.11 bug: python/cpython#106905, pytest-dev/pytest#10763), turning a
+# green run into exit 1. Imported here, early and shallow, it is compiled at collection.
+try:
+    import hypothesis  # noqa: F401
+except ImportError:  # the fuzz tier's dependency: absent, nothing to import early
+    pass
+
 
 @pytest.fixture(scope="session")
 def redis_url(broker_url: str) -> str:
