@@ -27,12 +27,15 @@ from ._errors import (
     GroupMissingError,
     PermissionDeniedError,
     RedisCommandError,
+    RemoteError,
     ReplicationTimeoutError,
+    RequestTimeoutError,
     WrongTypeError,
 )
 from ._message import Message
 from ._ops import chunks, for_each_concurrent, map_concurrent, merge
 from ._publisher import PublisherStatistics
+from ._request import RequestStatistics
 from ._server import EmbeddedServer, ServerNotFoundError
 from ._settings import Settings
 from ._stop import RemoteStopSource, RemoteStopToken, StopSource, StopToken
@@ -67,9 +70,12 @@ __all__ = [
     "PublisherStatistics",
     "RawCodec",
     "RedisCommandError",
+    "RemoteError",
     "RemoteStopSource",
     "RemoteStopToken",
     "ReplicationTimeoutError",
+    "RequestStatistics",
+    "RequestTimeoutError",
     "ServerNotFoundError",
     "Settings",
     "StopSource",

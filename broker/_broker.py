@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ._channel import Channel
     from ._message import Message
     from ._pubsub import Hub
+    from ._request import Inbox, RequestStatistics
     from ._stop import RemoteStopSource, RemoteStopToken, StopHub, StopToken
     from ._subscription import Subscription
     from ._tail import Tail
@@ -76,6 +77,7 @@ class Broker(AsyncResource):
         self._watch_task: asyncio.Task[None] | None = None
         self._hub: StopHub | None = None
         self._pubsub: Hub | None = None
+        self._inbox: Inbox | None = None
         self._clock_offset_ms = 0
         self.bells: Bells | None = None
         #: partition counts of channels, as recorded on the server (they never change)
@@ -170,6 +172,8 @@ class Broker(AsyncResource):
         stack, self._stack = self._stack, None
         if stack is None:
             return
+        if self._inbox is not None:
+            await self._inbox.aclose()
         if self._hub is not None:
             await self._hub.aclose()
         if self._pubsub is not None:
@@ -281,6 +285,25 @@ class Broker(AsyncResource):
 
             self._pubsub = Hub(self, self._spawn)
         return self._pubsub
+
+    def _reply_inbox(self) -> Inbox:
+        """The reply inbox of this broker's requests (one reader connection for all)."""
+        if self._inbox is None:
+            if self._closed or self._tasks is None:
+                raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
+            from ._request import Inbox
+
+            self._inbox = Inbox(self)
+        return self._inbox
+
+    def request_statistics(self) -> RequestStatistics:
+        """Requests of this broker: waiting, answered, timed out, answers dropped (late, or a
+        second answer to a retried request) and the inbox key."""
+        if self._inbox is None:
+            from ._request import RequestStatistics
+
+            return RequestStatistics(0, 0, 0, 0, None)
+        return self._inbox.statistics()
 
     def _stop_hub(self) -> StopHub:
         if self._hub is None:

@@ -244,6 +244,34 @@ class Channel(ChannelInspection, Generic[T]):
             await self._wait_for_room()
         return await self.broker.publisher.submit(item)
 
+    async def request(
+        self,
+        data: T,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - the answer's deadline, not a call's
+        headers: dict[str, str] | None = None,
+        key: str | bytes | int | None = None,
+    ) -> Any:
+        """Publish ``data`` as a request and return the one answer (``oneshot``).
+
+        The message is an ordinary one (at-least-once, retried, dead-lettered) whose headers
+        carry this broker's inbox and a correlation id; a consumer's handler answers with its
+        return value (decoded from msgpack here). The first answer wins: a second one (a
+        retried request) or a late one is dropped and counted (:meth:`Broker.request_statistics`).
+
+        Example::
+
+            total = await b.channel("prices").request({"sku": "A1", "qty": 3}, timeout=2.0)
+
+        :raises RequestTimeoutError: if no answer came within ``timeout`` seconds (the
+            publish included).
+        :raises RemoteError: if the responder's handler raised (``.type``, ``.text``).
+        :raises ValueError: on a timeout <= 0, or headers ``reply-to``/``reply-id``.
+        """
+        from ._request import request
+
+        return await request(self, data, timeout, headers, key)
+
     async def publish_many(
         self,
         items: Iterable[T | tuple[T, dict[str, str] | None]],

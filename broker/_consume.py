@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import _observe
 from ._names import semaphore_key
+from ._request import REPLY_TO, answer_failure, answer_result
 from ._semaphore import GroupSemaphore
 
 if TYPE_CHECKING:
@@ -98,11 +99,13 @@ async def run_consumer(
         try:
             if group is not None:
                 async with group.hold():
-                    await handler(msg)
+                    result = await handler(msg)
             else:
-                await handler(msg)
+                result = await handler(msg)
         except Exception as exc:  # the message failed, the consumer goes on
             log.warning("handler failed on %s %s: %r", msg.channel, msg.id, exc)
+            if msg.headers and REPLY_TO in msg.headers:
+                await answer_failure(msg, exc)
             msg.nack(error=exc)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
@@ -112,6 +115,10 @@ async def run_consumer(
             log.warning("handler failed on %s %s: %r", msg.channel, msg.id, exc)
             msg.nack(error="the handler raised CancelledError")
         else:
+            # a request is answered first, then acked (at-least-once: an answer that could not
+            # be sent leaves the message for a retry)
+            if msg.headers and REPLY_TO in msg.headers and not await answer_result(msg, result):
+                return
             msg.ack()
 
     errors: list[Exception] = []

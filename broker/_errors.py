@@ -13,6 +13,8 @@
     ├── ClosedError                 a broker or subscription was used after it was closed
     ├── PermissionDeniedError       the ACL user may not run that command, key or channel
     ├── ReplicationTimeoutError     written on the master, not confirmed by enough replicas
+    ├── RequestTimeoutError         no answer to a request in time (also a TimeoutError)
+    ├── RemoteError                 the responder's handler raised: carries .type and .text
     └── RedisCommandError           any other error the server answered with
 
 Every error raised by ``broker`` is a ``BrokerError``; errors of redis-py never leak out of the
@@ -41,7 +43,9 @@ __all__ = [
     "GroupMissingError",
     "PermissionDeniedError",
     "RedisCommandError",
+    "RemoteError",
     "ReplicationTimeoutError",
+    "RequestTimeoutError",
     "WrongTypeError",
     "map_redis_errors",
 ]
@@ -137,6 +141,39 @@ class ReplicationTimeoutError(BrokerError):
         self.message_id = message_id
         self.replicas = replicas
         self.acked = acked
+
+
+class RequestTimeoutError(BrokerError, TimeoutError):
+    """A request got no answer within its timeout (``channel.request(..., timeout=)``).
+
+    The request message may still be handled (late, or after a retry): its answer is then
+    dropped and counted. Also a ``TimeoutError``, so ``except TimeoutError`` catches it.
+    """
+
+    def __init__(self, channel: str, timeout: float, correlation_id: str) -> None:
+        super().__init__(
+            f"no answer to the request on channel {channel!r} within {timeout:g}s (is a "
+            "responder consuming the channel? raise timeout= if handlers are slow)"
+        )
+        self.channel = channel
+        self.timeout = timeout
+        self.correlation_id = correlation_id
+
+
+class RemoteError(BrokerError):
+    """The responder's handler raised instead of answering a request.
+
+    :attr:`type` is the qualified name of the exception's class (``ValueError``,
+    ``myapp.errors.OutOfStock``), :attr:`text` its ``str()``. Nothing is unpickled: the
+    exception itself never crosses the wire.
+    """
+
+    def __init__(self, type: str, text: str, *, channel: str | None = None) -> None:
+        where = f" on channel {channel!r}" if channel else ""
+        super().__init__(f"the responder{where} raised {type}: {text}")
+        self.type = type
+        self.text = text
+        self.channel = channel
 
 
 class RedisCommandError(BrokerError):

@@ -59,6 +59,8 @@ class Message(Generic[T]):
     _subscription: Settles | None = dataclasses.field(default=None, repr=False)
     #: the stream (of a partition, for a partitioned channel) the entry was read from
     _stream: Stream | None = dataclasses.field(default=None, repr=False)
+    #: whether an answer to this request was sent (see :meth:`reply`)
+    _replied: bool = dataclasses.field(default=False, repr=False)
 
     @property
     def partition(self) -> int | None:
@@ -69,6 +71,40 @@ class Message(Generic[T]):
     def timestamp(self) -> datetime:
         """When the entry was added (from its id), in UTC."""
         return id_to_datetime(self.id)
+
+    @property
+    def reply_to(self) -> str | None:
+        """The requester's inbox key if this message is a request (``channel.request()``)."""
+        headers = self.headers
+        return headers.get("reply-to") if headers else None
+
+    @property
+    def is_request(self) -> bool:
+        """Whether this message was sent by ``channel.request()`` and awaits an answer."""
+        from ._request import reply_address
+
+        return reply_address(self) is not None
+
+    async def reply(self, value: Any = None, *, error: BaseException | str | None = None) -> bool:
+        """Answer this request with ``value`` (encoded as msgpack), or with ``error``, which the
+        requester raises as :class:`RemoteError` (its class's qualified name and its text).
+
+        ``consume()`` and workers answer on their own with the handler's return value (or its
+        exception); call this when reading with ``subscribe()``, then ack. Returns False when
+        the requester is gone (its inbox expired): nothing was written.
+
+        :raises ValueError: if the message is not a request (see :attr:`is_request`).
+        :raises TypeError: if the message came from a read-only tail.
+        :raises ConnectionLostError: if the server stays unreachable past the deadline.
+        """
+        from ._request import answer
+
+        link = getattr(self._owner(), "link", None)
+        if link is None:
+            raise TypeError("this message's subscription cannot send answers")
+        written = await answer(link, self, value, error)
+        self._replied = True
+        return written
 
     def ack(self) -> None:
         """Acknowledge: the group will not deliver this message again.

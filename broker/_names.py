@@ -14,6 +14,7 @@ __all__ = [
     "check_stop_name",
     "dead_key",
     "host_label",
+    "inbox_key",
     "semaphore_key",
 ]
 
@@ -74,6 +75,13 @@ def dead_key(namespace: str, channel: str) -> str:
 def semaphore_key(namespace: str, channel: str, group: str) -> str:
     """The lease set of a group-wide concurrency limit (same hash slot as the channel)."""
     return f"{namespace}:{{{channel}}}:sem:{group}"
+
+
+def inbox_key(namespace: str, inbox: str) -> str:
+    """``<namespace>:{reply~<inbox>}``: a requester's reply stream, in a slot of its own. ``~`` is
+    not allowed in channel names, so no channel can collide, and :func:`channel_from_key` (hence
+    ``broker.channels()``) does not take it for one."""
+    return f"{namespace}:{{reply~{inbox}}}"
 
 
 def channel_from_key(namespace: str, key: str) -> str | None:

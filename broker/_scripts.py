@@ -7,7 +7,15 @@ from typing import Any
 
 import redis.exceptions as rex
 
-__all__ = ["DEAD_LETTER", "PRUNE_CONSUMER", "REPLAY_DEAD", "UNREAD", "Script"]
+__all__ = [
+    "ANSWER",
+    "DEAD_LETTER",
+    "OPEN_INBOX",
+    "PRUNE_CONSUMER",
+    "REPLAY_DEAD",
+    "UNREAD",
+    "Script",
+]
 
 
 class Script:
@@ -124,5 +132,32 @@ for i, key in ipairs(KEYS) do
   end
 end
 return out
+"""
+)
+
+
+#: KEYS: inbox. ARGV: maxlen, then the answer's field/values.
+#: Appends an answer only to a live inbox (an existing stream): an answer to a requester that is
+#: gone does not create its inbox again, and no request can make a responder write elsewhere.
+ANSWER = Script(
+    """
+if redis.call('TYPE', KEYS[1]).ok ~= 'stream' then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 2))
+return 1
+"""
+)
+
+#: KEYS: inbox. ARGV: ttl ms.
+#: Creates the inbox as an empty stream (an XADD trimmed to nothing) unless it exists, and sets
+#: its time to live. Returns 1 if it was created.
+OPEN_INBOX = Script(
+    """
+local created = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '0', '*', 'o', '')
+  created = 1
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return created
 """
 )

@@ -58,6 +58,8 @@ class Settings:
     connect_timeout: float = 5.0
     #: bound on the payload size accepted by decoders, in bytes
     max_payload: int = 16 * 1024 * 1024
+    #: seconds a requester's reply inbox outlives the requester (refreshed every third of it)
+    reply_ttl: float = 60.0
 
     def __post_init__(self) -> None:
         parse_endpoint(self.url)
@@ -70,6 +72,8 @@ class Settings:
             raise ConfigurationError("reconnect_deadline must be >= 0 and connect_timeout > 0")
         if self.max_payload < 1:
             raise ConfigurationError(f"max_payload must be >= 1, got {self.max_payload}")
+        if not self.reply_ttl >= 0.3:
+            raise ConfigurationError(f"reply_ttl must be >= 0.3 seconds, got {self.reply_ttl!r}")
 
     @classmethod
     def from_url(cls, url: str | None = None, **options: Any) -> Settings:

@@ -22,6 +22,7 @@ import broker
 from broker import StopToken
 from broker._consume import default_prefetch, run_consumer
 from broker._observe import instrument_handler
+from broker._request import REPLY_TO, answer_failure, answer_result
 from broker._resource import cancel_and_wait
 
 from ._health import rss_bytes
@@ -147,7 +148,7 @@ class Consumer:
     async def _handle(self, msg: broker.Message[Any]) -> None:
         self._running += 1
         try:
-            await self._fn(msg)
+            result = await self._fn(msg)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -157,8 +158,13 @@ class Consumer:
         except MemoryError as exc:
             await self._fatal_error(msg, exc)  # never returns: cancelled, left pending
         except BaseException as exc:  # SystemExit too: a handler never ends the worker
+            if msg.headers and REPLY_TO in msg.headers:  # a request: answer the error at once
+                await answer_failure(msg, exc)
             self._failed(msg, exc)
         else:
+            # a request is answered before consume() acks it (one not sent is nacked instead)
+            if msg.headers and REPLY_TO in msg.headers:
+                await answer_result(msg, result)
             self.processed += 1
         finally:
             self._running -= 1

@@ -155,3 +155,9 @@ async def block_loop(msg: broker.Message[Any]) -> None:
     """Blocks the whole event loop for ``$BLOCK_SECONDS`` (a sync call in an async handler)."""
     time.sleep(float(os.environ.get("BLOCK_SECONDS", "5")))  # noqa: ASYNC251 - on purpose
     recorded.append(msg.id)
+
+
+async def answer(msg: broker.Message[Any]) -> Any:
+    """Answers a request ``{"n": N}`` with ``{"n": 2N}``; raises ZeroDivisionError on 0."""
+    n = msg.data["n"]
+    return {"n": 2 * n + 0 // n}
