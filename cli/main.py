@@ -24,6 +24,7 @@ from ._bench import bench
 from ._common import INTERRUPT_ENDS, Config, UserError
 from ._inspect import channels, info, pending
 from ._publish import publish
+from ._request import request
 from ._server import demo, server
 from ._tail import tail
 from ._top import top
@@ -144,6 +145,7 @@ def cli(ctx: click.Context, url: str | None, namespace: str, verbose: bool) -> N
 for command in (
     tail,
     publish,
+    request,
     info,
     channels,
     pending,

@@ -340,11 +340,8 @@ async def _gone(raw: Any, key: str) -> bool:
 # -- workers ----------------------------------------------------------------------------------
 
 
-async def test_a_worker_answers_requests(
-    client: broker.Broker, redis_url: str, namespace: str, name: str, server: str
-) -> None:
-    if server != redis_url:
-        pytest.skip("the worker runtime is the same on a cluster: once is enough")
+async def test_a_worker_answers_requests(redis_url: str, namespace: str, name: str) -> None:
+    # not parametrized by SERVERS (no `server` fixture): the worker runtime is the same there
     spec = WorkerSpec(
         name="w" + name[-6:],
         target="tests.helpers.handlers:answer",
@@ -358,12 +355,14 @@ async def test_a_worker_answers_requests(
         max_deliveries=1,
     )
     source = broker.StopSource()
-    task = asyncio.create_task(serve(spec, 0, stop=source.token))
-    try:
-        ch = client.channel(name)
-        assert await ch.request({"n": 5}, timeout=10) == {"n": 10}
-        with pytest.raises(broker.RemoteError, match="ZeroDivisionError"):
-            await ch.request({"n": 0}, timeout=10)
-    finally:
-        source.stop("done")
-        await asyncio.wait_for(task, 10)
+    async with broker.connect(redis_url, namespace=namespace) as client:
+        task = asyncio.create_task(serve(spec, 0, stop=source.token))
+        try:
+            ch = client.channel(name)
+            assert await ch.request({"n": 5}, timeout=10) == {"n": 10}
+            with pytest.raises(broker.RemoteError, match="ZeroDivisionError"):
+                await ch.request({"n": 0}, timeout=10)
+        finally:
+            source.stop("done")
+            await asyncio.wait_for(task, 10)
+        await client.redis.delete(f"{namespace}:{{{name}}}", f"{namespace}:{{{name}}}:dead")
