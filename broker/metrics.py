@@ -76,6 +76,16 @@ _COUNTERS = (
     ("trimmed", "broker_trimmed_messages", "Pending entries found trimmed (acked, reported)."),
     ("reconnects", "broker_reconnects", "Reconnects of the subscription's read loop."),
 )
+#: (broker request statistics field, metric name, help) of the request/reply counters
+_REQUESTS = (
+    ("answered", "broker_requests_answered", "Requests answered (a value or a remote error)."),
+    ("timed_out", "broker_requests_timed_out", "Requests that got no answer in time."),
+    (
+        "dropped",
+        "broker_replies_dropped",
+        "Answers nobody waited for (late, or a retried request's second answer): dropped.",
+    ),
+)
 _GAUGES = (
     ("buffered", "broker_buffered_messages", "Messages fetched, not yet handed out."),
     ("in_flight", "broker_in_flight_messages", "Messages handed out, not yet settled."),
@@ -355,7 +365,7 @@ class BrokerCollector(Collector):
             queued: dict[str, int] = {}
             for t in brokers:
                 into = pub.setdefault(t.labels[0], {})
-                for name in ("batches", "published"):
+                for name in ("batches", "published", *(f for f, _, _ in _REQUESTS)):
                     into[name] = into.get(name, 0) + t.last.get(name, 0)
                 queued[t.labels[0]] = queued.get(t.labels[0], 0) + t.last.get("queued", 0)
             published = dict(self._published)
@@ -397,6 +407,11 @@ class BrokerCollector(Collector):
         for ns, n in sorted(queued.items()):
             queue.add_metric([ns], n)
         out.append(queue)
+        for field, name, doc in _REQUESTS:
+            requests = CounterMetricFamily(name, doc, labels=["namespace"])
+            for ns, c in sorted(pub.items()):
+                requests.add_metric([ns], c.get(field, 0))
+            out.append(requests)
         for field, name, doc in _COUNTERS:
             family = CounterMetricFamily(name, doc, labels=names)
             for labels, c in sorted(counts.items()):
@@ -524,7 +539,9 @@ def _publisher_counts(b: Broker) -> dict[str, int]:
     if p is None:
         return {}
     s = p.statistics()
-    return {"batches": s.batches, "published": s.published, "queued": s.queued}
+    r = b.request_statistics()
+    requests = {field: getattr(r, field) for field, _, _ in _REQUESTS}
+    return {"batches": s.batches, "published": s.published, "queued": s.queued, **requests}
 
 
 def _read_now(objs: list[_Tracked]) -> None:

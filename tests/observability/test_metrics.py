@@ -158,3 +158,36 @@ print(bad)
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out
+
+
+async def test_request_counters(registry: CollectorRegistry, redis_url: str, name: str) -> None:
+    async with isolated(redis_url) as b:
+        ch = b.channel(name)
+
+        async def slow(msg: broker.Message[Any]) -> Any:
+            await asyncio.sleep(msg.data)
+            return msg.data
+
+        task = asyncio.create_task(b.consume(name, slow, group="g", start="all", concurrency=2))
+        try:
+            with pytest.raises(broker.RequestTimeoutError):
+                await ch.request(0.5, timeout=0.1)
+            assert await ch.request(0, timeout=5) == 0
+            for _ in range(100):
+                if b.request_statistics().dropped:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        families = {f.name: f for f in registry.collect()}
+        ns = b.namespace
+
+        def count(metric: str) -> float:
+            (sample,) = [s for s in families[metric].samples if s.labels["namespace"] == ns]
+            return sample.value
+
+        assert count("broker_requests_answered") == 1
+        assert count("broker_requests_timed_out") == 1
+        assert count("broker_replies_dropped") == 1
