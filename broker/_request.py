@@ -387,6 +387,7 @@ async def answer_result(msg: Message[Any], value: Any) -> bool:
     not be sent nacks it instead, so a retry answers (at-least-once)."""
     if msg._replied or reply_address(msg) is None:
         return True
+    msg._replied = True  # one attempt per delivery: a failed one is nacked, its retry answers
     try:
         await msg.reply(value)
     except (BrokerError, TypeError) as exc:
@@ -402,6 +403,7 @@ async def answer_failure(msg: Message[Any], error: BaseException) -> None:
     dead-letter policy. A failure to send is logged: the retry answers again."""
     if msg._replied or reply_address(msg) is None:
         return
+    msg._replied = True
     try:
         await msg.reply(error=error)
     except (BrokerError, TypeError) as exc:

@@ -240,6 +240,18 @@ async def test_subscribe_users_answer_with_msg_reply(client: broker.Broker, name
         assert await pending == {"a": 2}
 
 
+async def test_a_handler_that_replies_itself_answers_once(client: broker.Broker, name: str) -> None:
+    async def handler(msg: broker.Message[Any]) -> Any:
+        assert await msg.reply("mine")
+        return "ignored: already answered"
+
+    async with responding(client, name, handler):
+        assert await client.channel(name).request(1) == "mine"
+        assert await client.channel(name).request(2) == "mine"
+    stats = client.request_statistics()
+    assert (stats.answered, stats.dropped) == (2, 0), "no second answer was sent"
+
+
 async def test_an_answer_never_recreates_a_dead_inbox(
     client: broker.Broker, name: str, raw: Any
 ) -> None:
