@@ -228,7 +228,10 @@ class WatchSubscription(AsyncResource, Generic[T]):
         #: the newest version announced (or read); a re-read is due while it is ahead of both
         #: the last yielded one and the pending one
         self._announced = 0
-        self._reread = True
+        #: gaps seen (the start counts as one) and gaps covered by a finished re-read: a
+        #: re-read is due while they differ (a cancelled re-read leaves it due)
+        self._gaps = 1
+        self._covered = 0
         self._last = 0
         self._entered = False
         self._closed = False
@@ -260,7 +263,9 @@ class WatchSubscription(AsyncResource, Generic[T]):
             messages=self._messages,
             rereads=self._rereads,
             version=self._last,
-            pending=self._pending is not None or self._reread or self._announced > self._last,
+            pending=self._pending is not None
+            or self._gaps != self._covered
+            or self._announced > self._last,
         )
 
     # -- the hub's callbacks --------------------------------------------------------------------
@@ -274,7 +279,14 @@ class WatchSubscription(AsyncResource, Generic[T]):
         except ValueError:
             log.warning("watch %s: ignoring a malformed change message", self.watch.name)
             return
-        if kind == _DELETED or version <= self._last:
+        if kind == _DELETED:
+            # the value announced, if not newer, is gone: yield nothing for it
+            if self._pending is not None and self._pending[0] <= version:
+                self._pending = None
+            if self._announced <= version:
+                self._announced = 0
+            return
+        if version <= self._last:
             return
         if kind == _INLINE:
             if self._pending is None or version > self._pending[0]:
@@ -284,7 +296,7 @@ class WatchSubscription(AsyncResource, Generic[T]):
         self._changed.set()
 
     async def _on_gap(self) -> None:
-        self._reread = True
+        self._gaps += 1
         self._changed.set()
 
     # -- iteration ------------------------------------------------------------------------------
@@ -299,17 +311,20 @@ class WatchSubscription(AsyncResource, Generic[T]):
             self._changed.clear()
             pending = self._pending
             newest_pending = 0 if pending is None else pending[0]
-            if self._reread or self._announced > max(self._last, newest_pending):
-                self._reread = False
+            if self._gaps != self._covered or self._announced > max(self._last, newest_pending):
+                gaps, announced = self._gaps, self._announced
                 self._rereads += 1
                 found = await self.watch._read()
+                self._covered = gaps
+                if self._announced <= announced:
+                    self._announced = 0  # the read saw that one (or its deletion)
                 # a message may have brought a newer value during the read
                 pending = self._pending
                 if found is not None and (pending is None or found[0] > pending[0]):
                     pending = found
             self._pending = None
             if pending is None or pending[0] <= self._last:
-                if not self._reread:
+                if self._gaps == self._covered:
                     await self._changed.wait()
                 continue
             version, raw = pending

@@ -293,3 +293,35 @@ async def test_processes_three_readers_one_writer(
     print(f"writer: {n} sets in {wrote:.2f}s; values seen by readers sleeping {sleeps}: {counts}")
     assert counts[2] < n
     assert (await client.watch(name).get()) == Version(n, n)
+
+
+async def test_a_deleted_value_is_not_handed_out(client: broker.Broker, name: str) -> None:
+    w = client.watch(name)
+    async with w.subscribe() as values:
+        await w.set("short-lived")  # announced while the reader is not asking
+        await w.delete()
+        await asyncio.sleep(0.2)  # both messages arrived
+        nothing = asyncio.ensure_future(anext(values))
+        await asyncio.sleep(0.2)
+        assert not nothing.done(), "the deleted value was handed out"
+        await w.set("kept")
+        assert await asyncio.wait_for(nothing, 5) == Version("kept", 2)
+
+
+async def test_a_cancelled_read_loses_nothing(client: broker.Broker, name: str) -> None:
+    w = client.watch(name)
+    await w.set("now")
+    async with w.subscribe() as values:
+        # reads cancelled before or during their re-read, until one is fast enough
+        got, cancelled = None, 0
+        for timeout in [0, 0.0001, 0.0005, 0.001, 0.002, 0.005, 5.0]:
+            try:
+                got = await asyncio.wait_for(anext(values), timeout)
+                break
+            except TimeoutError:
+                cancelled += 1
+        assert got == Version("now", 1), f"after {cancelled} cancelled reads"
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(values), 0.1)
+        await w.set("next")
+        assert await asyncio.wait_for(anext(values), 5) == Version("next", 2)
