@@ -149,7 +149,7 @@ class VersionConflictError(BrokerError):
         found = f"version {current}" if current else "no value"
         super().__init__(
             f"watch {name!r}: expected version {expected}, found {found}; nothing changed "
-            "(get() the current value and try again)"
+            "(read the current value and try again)"
         )
         self.name = name
         self.expected = expected
