@@ -8,8 +8,9 @@ after a newer one.
 
 Keys (one hash slot, the name's hash tag; ``watch:`` keeps them apart from channel keys):
 
-- ``<namespace>:watch:{<name>}``: a hash ``v`` (version) and ``d`` (the value, encoded by the
-  codec), with a TTL when set with ``ttl``. It is also the pub/sub channel of the changes.
+- ``<namespace>:watch:{<name>}``: a hash ``v`` (version), ``d`` (the value, encoded by the
+  codec) and ``w`` (the id of the write), with a TTL when set with ``ttl``. It is also the
+  pub/sub channel of the changes.
 - ``<namespace>:watch:{<name>}:version``: the version counter. It outlives ``delete`` and
   expiry, so versions only ever grow for a name (``delete(forget=True)`` removes it too).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ._codec import Codec, get_codec
@@ -127,7 +129,8 @@ class Watch(Generic[T]):
         ``if_version`` makes it a compare-and-set: the value is replaced only if its current
         version is that one (0: only if no value is set, e.g. to take a free leadership).
         ``ttl`` (seconds) makes the value expire unless set again in time (a heartbeat); a set
-        without ``ttl`` keeps the value until it is replaced or deleted.
+        without ``ttl`` keeps the value until it is replaced or deleted. A set retried after a
+        lost connection is applied once (it carries a write id).
 
         :raises VersionConflictError: if ``if_version`` is not the current version (it carries
             the current one).
@@ -144,6 +147,7 @@ class Watch(Generic[T]):
             "" if ttl_ms is None else ttl_ms,
             INLINE_LIMIT,
             "SPUBLISH" if b.cluster else "PUBLISH",
+            os.urandom(8).hex(),  # the write id: a retry after a lost reply is applied once
         ]
         keys = [self.key, self.version_key]
         ok, version = await b.call(lambda: WATCH_SET(b.redis, keys, args))
@@ -173,8 +177,9 @@ class Watch(Generic[T]):
         they wait for the next set. The version counter stays (the next set gets a newer
         version) unless ``forget``, which removes it too (versions start again at 1).
 
-        :raises VersionConflictError: if ``if_version`` is given and is not the current version
-            (e.g. a leader that releases only its own term).
+        :raises VersionConflictError: if ``if_version`` is given and a value of another version
+            is set (e.g. a leader that releases only its own term); with no value set there is
+            nothing to delete: False.
         """
         _check_version(if_version)
         b = self.broker

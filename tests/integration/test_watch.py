@@ -325,3 +325,21 @@ async def test_a_cancelled_read_loses_nothing(client: broker.Broker, name: str) 
             await asyncio.wait_for(anext(values), 0.1)
         await w.set("next")
         assert await asyncio.wait_for(anext(values), 5) == Version("next", 2)
+
+
+async def test_a_retried_write_is_applied_once(client: broker.Broker, name: str) -> None:
+    """The script run twice with one write id (a reply lost, the call retried): one version,
+    and a compare-and-set does not conflict with itself."""
+    from broker._scripts import WATCH_SET
+
+    w = client.watch(name)
+    await w.set("a")
+    publish = "SPUBLISH" if client.cluster else "PUBLISH"
+    args = [w.codec.encode("b"), 1, "", 8192, publish, "write-1"]
+    keys = [w.key, w.version_key]
+    assert await WATCH_SET(client.redis, keys, args) == [1, 2]
+    assert await WATCH_SET(client.redis, keys, args) == [1, 2]
+    assert await w.get() == Version("b", 2) and await w.version() == 2
+    # with no value there is nothing to delete, whatever version was expected
+    assert await w.delete(if_version=2) is True
+    assert await w.delete(if_version=2) is False
