@@ -13,6 +13,7 @@
     ├── ClosedError                 a broker or subscription was used after it was closed
     ├── PermissionDeniedError       the ACL user may not run that command, key or channel
     ├── ReplicationTimeoutError     written on the master, not confirmed by enough replicas
+    ├── VersionConflictError        a compare-and-set of a watched value found another version
     └── RedisCommandError           any other error the server answered with
 
 Every error raised by ``broker`` is a ``BrokerError``; errors of redis-py never leak out of the
@@ -42,6 +43,7 @@ __all__ = [
     "PermissionDeniedError",
     "RedisCommandError",
     "ReplicationTimeoutError",
+    "VersionConflictError",
     "WrongTypeError",
     "map_redis_errors",
 ]
@@ -137,6 +139,21 @@ class ReplicationTimeoutError(BrokerError):
         self.message_id = message_id
         self.replicas = replicas
         self.acked = acked
+
+
+class VersionConflictError(BrokerError):
+    """A compare-and-set (``if_version=``) of a watched value found another current version;
+    nothing was changed. :attr:`current` is the version found (0: no value set)."""
+
+    def __init__(self, name: str, *, expected: int | None, current: int) -> None:
+        found = f"version {current}" if current else "no value"
+        super().__init__(
+            f"watch {name!r}: expected version {expected}, found {found}; nothing changed "
+            "(read the current value and try again)"
+        )
+        self.name = name
+        self.expected = expected
+        self.current = current
 
 
 class RedisCommandError(BrokerError):
