@@ -30,6 +30,7 @@ from ._errors import (
     RemoteError,
     ReplicationTimeoutError,
     RequestTimeoutError,
+    VersionConflictError,
     WrongTypeError,
 )
 from ._message import Message
@@ -41,6 +42,7 @@ from ._settings import Settings
 from ._stop import RemoteStopSource, RemoteStopToken, StopSource, StopToken
 from ._subscription import ChannelStatistics, Subscription, SubscriptionStatistics
 from ._tail import Tail
+from ._watch import Version, Watch, WatchStatistics, WatchSubscription
 
 __version__ = "0.1.0"
 
@@ -83,6 +85,11 @@ __all__ = [
     "Subscription",
     "SubscriptionStatistics",
     "Tail",
+    "Version",
+    "VersionConflictError",
+    "Watch",
+    "WatchStatistics",
+    "WatchSubscription",
     "WrongTypeError",
     "__version__",
     "chunks",

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._stop import RemoteStopSource, RemoteStopToken, StopHub, StopToken
     from ._subscription import Subscription
     from ._tail import Tail
+    from ._watch import Watch
 
 __all__ = ["Broker", "connect"]
 
@@ -359,6 +360,25 @@ class Broker(AsyncResource):
             replicas=replicas,
             replica_timeout=replica_timeout,
         )
+
+    def watch(self, name: str, *, codec: str | Codec = "msgpack") -> Watch[Any]:
+        """A watched value by name (cheap; nothing is sent until used): ``set`` it (with
+        compare-and-set and expiry), ``get`` it, or ``subscribe`` to follow it, skipping to
+        the newest version.
+
+        Example::
+
+            leader = broker.watch("leader")
+            await leader.set("host-a", if_version=0, ttl=10)  # only if nobody leads
+            async with leader.subscribe() as values:
+                async for v in values:
+                    print(v.version, v.value)
+
+        :raises ConfigurationError: on an invalid name or codec.
+        """
+        from ._watch import Watch
+
+        return Watch(self, name, codec=codec)
 
     def stop_source(self, name: str) -> RemoteStopSource:
         """The source of stop ``name``: ``await broker.stop_source("deploy").stop("reason")``."""

@@ -15,6 +15,7 @@
     ├── ReplicationTimeoutError     written on the master, not confirmed by enough replicas
     ├── RequestTimeoutError         no answer to a request in time (also a TimeoutError)
     ├── RemoteError                 the responder's handler raised: carries .type and .text
+    ├── VersionConflictError        a compare-and-set of a watched value found another version
     └── RedisCommandError           any other error the server answered with
 
 Every error raised by ``broker`` is a ``BrokerError``; errors of redis-py never leak out of the
@@ -46,6 +47,7 @@ __all__ = [
     "RemoteError",
     "ReplicationTimeoutError",
     "RequestTimeoutError",
+    "VersionConflictError",
     "WrongTypeError",
     "map_redis_errors",
 ]
@@ -174,6 +176,21 @@ class RemoteError(BrokerError):
         self.type = type
         self.text = text
         self.channel = channel
+
+
+class VersionConflictError(BrokerError):
+    """A compare-and-set (``if_version=``) of a watched value found another current version;
+    nothing was changed. :attr:`current` is the version found (0: no value set)."""
+
+    def __init__(self, name: str, *, expected: int | None, current: int) -> None:
+        found = f"version {current}" if current else "no value"
+        super().__init__(
+            f"watch {name!r}: expected version {expected}, found {found}; nothing changed "
+            "(read the current value and try again)"
+        )
+        self.name = name
+        self.expected = expected
+        self.current = current
 
 
 class RedisCommandError(BrokerError):

@@ -12,6 +12,7 @@ __all__ = [
     "check_channel",
     "check_group",
     "check_stop_name",
+    "check_watch_name",
     "dead_key",
     "host_label",
     "inbox_key",
@@ -60,6 +61,11 @@ def check_group(name: object) -> str:
 def check_stop_name(name: object) -> str:
     """Return ``name`` if it is a valid stop token name (same rules as channels)."""
     return _check("stop token", name)
+
+
+def check_watch_name(name: object) -> str:
+    """Return ``name`` if it is a valid watched value name (same rules as channels)."""
+    return _check("watch", name)
 
 
 def channel_key(namespace: str, channel: str) -> str:

@@ -41,6 +41,11 @@ async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
     A cancel of the caller arriving meanwhile is deferred, not swallowed: it is raised once the
     tasks are done, so a cleanup interrupted by repeated cancels (see :func:`cancel_and_wait`)
     still leaves no task behind.
+
+    A task that had already ended with an error keeps it for a caller that asks
+    (``t.exception()``), but it counts as retrieved: when the caller is itself being cancelled
+    (a subscription closed while its reader failed), asyncio would otherwise print "Task
+    exception was never retrieved" for an error nobody is left to handle.
     """
     cancelled = False
     pending = [t for t in tasks if not t.done()]
@@ -52,5 +57,8 @@ async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
         except asyncio.CancelledError:
             cancelled = True
         pending = [t for t in pending if not t.done()]
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()  # retrieved: see above
     if cancelled:
         raise asyncio.CancelledError

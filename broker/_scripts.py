@@ -14,6 +14,8 @@ __all__ = [
     "PRUNE_CONSUMER",
     "REPLAY_DEAD",
     "UNREAD",
+    "WATCH_DELETE",
+    "WATCH_SET",
     "Script",
 ]
 
@@ -132,6 +134,55 @@ for i, key in ipairs(KEYS) do
   end
 end
 return out
+"""
+)
+
+#: KEYS: watch value (a hash: v, d, w), watch version counter. ARGV: encoded value, expected
+#: version ('' for any; 0: no value set), ttl ms ('' for none), inline limit, publish command,
+#: write id. Returns {1, new version}, or {0, current version} when the expected one differs.
+#: The counter only grows (it outlives the value), and is never behind the value's version.
+#: A retry of a write whose reply was lost finds its own write id: {1, its version}, not a
+#: second version (nor, for a compare-and-set, a conflict with itself).
+WATCH_SET = Script(
+    """
+local cur, wid = unpack(redis.call('HMGET', KEYS[1], 'v', 'w'))
+cur = tonumber(cur or '0')
+if wid == ARGV[6] then return {1, cur} end
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= cur then return {0, cur} end
+local n = redis.call('INCR', KEYS[2])
+if n <= cur then
+  n = cur + 1
+  redis.call('SET', KEYS[2], string.format('%d', n))
+end
+local v = string.format('%d', n)
+redis.call('HSET', KEYS[1], 'v', v, 'd', ARGV[1], 'w', ARGV[6])
+if ARGV[3] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+else
+  redis.call('PERSIST', KEYS[1])
+end
+if #ARGV[1] <= tonumber(ARGV[4]) then
+  redis.call(ARGV[5], KEYS[1], v .. ':1:' .. ARGV[1])
+else
+  redis.call(ARGV[5], KEYS[1], v .. ':2:')
+end
+return {1, n}
+"""
+)
+
+#: KEYS: watch value, watch version counter. ARGV: expected version ('' for any), forget ('1':
+#: delete the counter too), publish command. Returns {1, version deleted}, {0, 0} when there
+#: was no value (whatever was expected: a retried delete finds its own work done), or
+#: {-1, current version} when a value of another version is there.
+WATCH_DELETE = Script(
+    """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if cur ~= 0 and ARGV[1] ~= '' and tonumber(ARGV[1]) ~= cur then return {-1, cur} end
+if ARGV[2] == '1' then redis.call('DEL', KEYS[2]) end
+if cur == 0 then return {0, 0} end
+redis.call('DEL', KEYS[1])
+redis.call(ARGV[3], KEYS[1], string.format('%d', cur) .. ':0:')
+return {1, cur}
 """
 )
 

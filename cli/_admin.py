@@ -17,6 +17,7 @@ from broker._names import check_stop_name
 
 from ._common import Config, UserError, channel_missing, check_channels, note, run
 from ._format import dump, duration, jsonable, table
+from ._progress import progress
 from ._time import PositionType
 
 __all__ = ["dead", "group", "stop"]
@@ -177,8 +178,8 @@ def dead_list(config: Config, channel: str, count: int, as_json: bool) -> None:
 @contextlib.contextmanager
 def _bar(total: int) -> Iterator[Any]:
     if total >= REPLAY_CHUNK and sys.stderr.isatty():
-        with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
-            yield bar.update
+        with progress(total, "replaying") as advance:
+            yield advance
     else:
         yield lambda n: None
 

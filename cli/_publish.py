@@ -21,6 +21,7 @@ from typing import IO, Any
 import click
 
 from ._common import Config, UserError, note, run
+from ._progress import progress
 
 __all__ = ["publish"]
 
@@ -262,8 +263,8 @@ def _progress(stdin: IO[bytes], quiet: bool) -> Iterator[Callable[[int], None]]:
     if not shown:
         yield lambda n: None
         return
-    with click.progressbar(length=size, label="publishing", file=sys.stderr) as bar:
-        yield bar.update
+    with progress(size, "publishing", bytes_=True) as advance:
+        yield advance
 
 
 class StdinChunks:

@@ -28,6 +28,7 @@ from ._request import request
 from ._server import demo, server
 from ._tail import tail
 from ._top import top
+from ._watch import watch
 from ._workers import worker, workers_cmd
 
 __all__ = ["BrokerGroup", "cli", "main"]
@@ -158,6 +159,7 @@ for command in (
     workers_cmd,
     bench,
     top,
+    watch,
 ):
     cli.add_command(command)
 

@@ -126,5 +126,6 @@ async def test_progress_bar_on_a_terminal_for_a_large_file(
             os.close(follower)
     assert proc.returncode == 0, err
     assert out == b"" and b"publishing" in err and b"100%" in err
+    assert "━".encode() in err, err[-400:]  # drawn by rich (the test extras install it)
     info = await invoke("info", name, "--json")
     assert json.loads(info.stdout)[0]["length"] == 25_000
