@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 import broker
 from broker._request import REPLY_CLIENT_NAME, REPLY_ID, REPLY_TO
@@ -378,3 +379,30 @@ async def test_a_worker_answers_requests(redis_url: str, namespace: str, name: s
             source.stop("done")
             await asyncio.wait_for(task, 10)
         await client.redis.delete(f"{namespace}:{{{name}}}", f"{namespace}:{{{name}}}:dead")
+
+
+# -- Sentinel ---------------------------------------------------------------------------------
+
+
+async def test_round_trip_through_sentinel(name: str, namespace: str) -> None:
+    from broker._server_sentinel import EmbeddedSentinel
+
+    with EmbeddedSentinel(down_after=1000, failover_timeout=3000) as s:
+        s.wait_ready(45)
+        async with broker.connect(s.url, namespace=namespace) as b:
+
+            async def double(msg: broker.Message[Any]) -> Any:
+                return 2 * msg.data
+
+            async with responding(b, name, double):
+                answers = await asyncio.gather(
+                    *(b.channel(name).request(i, timeout=10) for i in range(50))
+                )
+            assert answers == [2 * i for i in range(50)]
+            direct = aioredis.Redis(port=s.master().port)
+            try:
+                clients = await direct.client_list()
+            finally:
+                await direct.aclose()
+            assert sum(1 for c in clients if c.get("name") == REPLY_CLIENT_NAME) == 1
+            await b.channel(name).delete()
