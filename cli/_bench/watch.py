@@ -61,6 +61,8 @@ class Side:
     p50: float
     p99: float
     max: float
+    #: the writer's ``await`` of one send (``PUBLISH`` or ``set``), p50
+    send_p50: float
     #: watch only: change messages the readers received, and their re-reads of the server
     messages: int | None = None
     rereads: int | None = None
@@ -125,12 +127,13 @@ class WatchBench:
             f"### Watched values: set → seen in another process ({self.rate} values/s, "
             f"{self.seconds:g} s after a {self.warm_seconds:g} s warm-up, {runs})",
             "",
-            "| path | sent | seen | p50 ms | p99 ms | max ms | p50 x raw | p99 x raw |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| path | sent | seen | p50 ms | p99 ms | max ms | p50 x raw | p99 x raw | "
+            "writer's await p50 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         out += [
             f"| {name} | {s.sent:,} | {s.seen:,} | {s.p50:.2f} | {s.p99:.2f} | {s.max:.2f} | "
-            f"{p50} | {p99} |"
+            f"{p50} | {p99} | {s.send_p50:.2f} |"
             for name, s, p50, p99 in rows
         ]
         verdict = "met" if self.met else "**missed**"
@@ -146,15 +149,23 @@ class WatchBench:
 # -- the writer (this process) ---------------------------------------------------------------
 
 
-async def _paced(total: int, rate: int, send: Callable[[int], Awaitable[Any]]) -> None:
+async def _paced(
+    total: int, rate: int, send: Callable[[int], Awaitable[Any]], first: int
+) -> list[int]:
     """``send(i)`` for i < total, value i not before ``t0 + i / rate``; one at a time (a watch
-    has one writer), and a late send does not shift the ones after it."""
+    has one writer), and a late send does not shift the ones after it. Returns how long each
+    ``send(i)`` took for i >= first, ns."""
+    took: list[int] = []
     t0 = time.perf_counter()
     for i in range(total):
         delay = t0 + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        started = time.perf_counter_ns()
         await send(i)
+        if i >= first:
+            took.append(time.perf_counter_ns() - started)
+    return took
 
 
 def _value(i: int) -> dict[str, Any]:
@@ -210,18 +221,23 @@ async def _measure(
     warm: int,
     measured: int,
 ) -> tuple[list[int], dict[str, Any]]:
-    """Latencies (ns) of the measured values the reader saw, and the reader's result."""
-    await _paced(warm + measured, rate, send)
+    """Latencies (ns) of the measured values the reader saw, and the reader's result (with
+    ``sends``: how long the writer's sends took, ns)."""
+    sends = await _paced(warm + measured, rate, send, warm)
     # the stop value after a pause: right behind the last one, a watch reader could skip that
     await asyncio.sleep(max(1 / rate, 0.05))
     result = await _finish(proc, lambda: send(STOP))
     seen = [int(ns) for seq, ns in result.pop("seen") if seq >= warm]
+    result["sends"] = sends
     return seen, result
 
 
 def _summary(runs: list[tuple[list[int], dict[str, Any]]], measured: int, watch: bool) -> Side:
     stats = []
-    for samples, _ in runs:
+    sends = []
+    for samples, result in runs:
+        took = sorted(result["sends"])
+        sends.append(percentile(took, 0.50) / 1e6)
         ms = sorted(ns / 1e6 for ns in samples)
         stats.append((percentile(ms, 0.50), percentile(ms, 0.99), ms[-1] if ms else float("nan")))
     return Side(
@@ -230,6 +246,7 @@ def _summary(runs: list[tuple[list[int], dict[str, Any]]], measured: int, watch:
         p50=statistics.median(s[0] for s in stats),
         p99=statistics.median(s[1] for s in stats),
         max=statistics.median(s[2] for s in stats),
+        send_p50=statistics.median(sends),
         messages=sum(int(r["messages"]) for _, r in runs) if watch else None,
         rereads=sum(int(r["rereads"]) for _, r in runs) if watch else None,
     )

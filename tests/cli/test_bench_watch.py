@@ -15,6 +15,7 @@ async def test_watch_latency_is_measured_beside_raw_publish(sh, raw, namespace) 
     *tables, last = done.out.strip().splitlines()
     text = "\n".join(tables)
     assert "### Watched values: set → seen in another process (200 values/s" in text, text
+    assert "writer's await p50 ms |" in text
     assert "| raw redis-py: `PUBLISH` → `PubSub.listen()` | 50 |" in text, text
     assert "| broker: `watch.set()` → `async for` over `subscribe()` | 50 |" in text, text
     assert "Target (issue 15): watch p50 ≤ 1.5 x raw" in text
@@ -25,6 +26,7 @@ async def test_watch_latency_is_measured_beside_raw_publish(sh, raw, namespace) 
         s = w[side]
         assert s["sent"] == 50 and 0 < s["seen"] <= s["sent"], (side, s)
         assert 0 < s["p50"] <= s["p99"] <= s["max"] < 5_000, (side, s)  # ms, across processes
+        assert 0 < s["send_p50"] < 5_000, (side, s)
     assert w["raw"]["seen"] == 50  # raw pub/sub on loopback loses nothing
     # every value set (warm-up, measured, the stop) was announced; one read at the start
     assert w["watch"]["messages"] >= w["watch"]["seen"] and w["watch"]["rereads"] >= 1
