@@ -91,8 +91,9 @@ def _server(config: Config) -> Iterator[str]:
     "--only",
     metavar="LIST",
     help="Comma-separated scenarios: publish, consume, latency, memory, processes, cluster, "
-    "channels, durable (replicas=1 against the default), raw, lib, faststream, or ids like "
-    "lib.iterate. Default: all.",
+    "channels, durable (replicas=1 against the default), watch (watched values across "
+    "processes; only when named), raw, lib, faststream, or ids like lib.iterate. Default: all "
+    "but watch.",
 )
 @click.option(
     "--faststream/--no-faststream",

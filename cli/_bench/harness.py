@@ -18,6 +18,7 @@ import broker
 
 from . import durable, latency, library, processes, raw, scale
 from . import faststream as fs
+from . import watch as watch_bench
 from .common import (
     Run,
     Summary,
@@ -53,19 +54,24 @@ GROUPS: dict[str, list[str]] = {
     "channels": ["channels"],
     # failover (issue 14): replicas=1 against the default
     "durable": durable.DURABLE,
+    # watched values (issue 15): set -> seen in another process, against raw PUBLISH
+    "watch": ["watch"],
 }
+#: measured only when named in ``--only``: two reader processes per repetition
+OPT_IN = ["watch"]
 ALL = [*THROUGHPUT, "latency", "memory", "processes", "cluster", "channels", *durable.DURABLE]
+ALL += OPT_IN
 
 
 def select(only: str | None) -> list[str]:
     """Scenario ids from ``--only``: group names (publish, consume, latency, memory,
-    processes, durable), scenario ids (``lib.iterate``) or their prefixes (``raw``, ``lib``,
-    ``fs``).
+    processes, durable; watch only when named), scenario ids (``lib.iterate``) or their
+    prefixes (``raw``, ``lib``, ``fs``).
 
     :raises ValueError: naming the valid words.
     """
     if not only:
-        return list(ALL)
+        return [s for s in ALL if s not in OPT_IN]
     chosen: set[str] = set()
     for word in (w.strip() for w in only.split(",")):
         if not word:
@@ -128,6 +134,7 @@ class Results:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     cluster: scale.ClusterResult | None = None
     channels: list[scale.ChannelsResult] = dataclasses.field(default_factory=list)
+    watch: watch_bench.WatchBench | None = None
     seconds: float = 0.0
 
 
@@ -264,6 +271,16 @@ async def run(url: str, opts: Options, note: Note, prefix: str = "broker") -> Re
                 await _memory(ctx, results, note)
             if "processes" in wanted:
                 await _processes(ctx, results, note)
+            if "watch" in wanted:
+                results.watch = await watch_bench.run(
+                    r,
+                    b,
+                    url,
+                    repeat=opts.repeat,
+                    seconds=opts.latency_seconds,
+                    uvloop=opts.uvloop,
+                    note=note,
+                )
         if "cluster" in wanted:
             results.cluster = await _step(
                 note,

@@ -267,6 +267,8 @@ def table(res: Results) -> str:
         for k, s in sorted(res.processes.items()):
             rel = s.rate / one.rate if one and one.rate else None
             lines.append(f"| {k} | {_x(rel)} | {s.rate:,.0f} | {s.cpu_us:.1f} |")
+    if res.watch is not None:
+        lines += res.watch.lines()
     if res.cluster is not None:
         lines += [
             "",
@@ -355,6 +357,7 @@ def json_line(res: Results) -> str:
         "targets": [dataclasses.asdict(t) for t in targets(res)],
         "cluster": None if res.cluster is None else res.cluster.to_json(),
         "channels": [c.to_json() for c in res.channels],
+        "watch": None if res.watch is None else res.watch.to_json(),
         "seconds": round(res.seconds, 1),
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
