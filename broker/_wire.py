@@ -17,6 +17,11 @@ from typing import Any
 import redis.exceptions as rex
 from redis.asyncio.connection import ConnectionPool
 
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # redis-py before 7: no maintenance notifications to turn off
+    MaintNotificationsConfig = None  # type: ignore[assignment,misc]
+
 from ._errors import ClosedError
 
 __all__ = ["Wire", "bulk", "pack", "pack_strs"]
@@ -57,6 +62,12 @@ class Wire:
         name: str = "server",
     ) -> None:
         kwargs = {**connection_kwargs, "socket_timeout": None}
+        if MaintNotificationsConfig is not None:
+            # redis-py 8 reads bytes waiting on a pooled RESP3 connection as maintenance push
+            # notifications when it hands the connection out, and a stray byte then raised
+            # InvalidResponse from get_connection (found by the fuzz tier); disabled, the pool
+            # reconnects such a connection, and execute() checks for unread bytes itself
+            kwargs["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
         self.pool: Any = ConnectionPool(
             connection_class=connection_class, max_connections=max_connections, **kwargs
         )
