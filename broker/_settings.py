@@ -6,7 +6,7 @@ import dataclasses
 import os
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from ._errors import ConfigurationError
 from ._retry import RetryPolicy
@@ -151,13 +151,25 @@ class Endpoint:
     db: int = 0
 
 
+def _urlsplit(url: str) -> SplitResult:
+    """``urlsplit``, except that a list of hosts (``h1:1,[::1]:2``) is kept as it is: the
+    bracket checks of some Python releases (Debian 12's 3.11.2) refuse a list with an IPv6
+    host as an "Invalid IPv6 URL"; the hosts are split and checked by :func:`_split_hosts`."""
+    scheme, sep, rest = url.partition("://")
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    netloc = rest[: min(ends, default=len(rest))]
+    if not sep or "," not in netloc:
+        return urlsplit(url)
+    return urlsplit(f"{scheme}://host{rest[len(netloc) :]}")._replace(netloc=netloc)
+
+
 def parse_endpoint(url: str) -> Endpoint:
     """Check ``url`` and say what it points at.
 
     :raises ConfigurationError: with a sentence that shows valid URLs.
     """
     try:
-        parts = urlsplit(url)
+        parts = _urlsplit(url)
     except ValueError as exc:
         raise ConfigurationError(
             f"invalid URL {redact_url(url)!r} ({exc}); use {_EXAMPLE}"

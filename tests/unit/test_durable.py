@@ -93,3 +93,28 @@ def test_sentinel_urls() -> None:
     with pytest.raises(broker.ConfigurationError) as caught:
         parse_endpoint("redis+sentinel://u:secret@h:26379/svc/x")
     assert "secret" not in str(caught.value)
+
+
+def test_host_lists_with_ipv6_parse_where_urlsplit_refuses_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Debian 12's Python 3.11.2 refused ``h1:26379,[::1]:26380`` as an "Invalid IPv6 URL" (seen
+    in the compose ``tests`` service); the host list is split by the library, not by
+    ``urlsplit``. Here ``urlsplit`` is made as strict as that release."""
+    import urllib.parse
+
+    import broker._settings as settings
+
+    def strict(url: str, *args: object) -> urllib.parse.SplitResult:
+        netloc = url.partition("://")[2].split("/")[0]
+        if "[" in netloc and "," in netloc:
+            raise ValueError("Invalid IPv6 URL")
+        return urllib.parse.urlsplit(url)
+
+    monkeypatch.setattr(settings, "urlsplit", strict)
+    e = parse_endpoint("redis+sentinel://app:pw@h1:26379,[::1]:26380/orders/2?protocol=3")
+    assert (e.kind, e.service, e.db) == ("sentinel", "orders", 2)
+    assert e.hosts == [("h1", 26379), ("::1", 26380)]
+    assert e.node_url == "redis://app:pw@h1:26379/0?protocol=3"
+    c = parse_endpoint("redis+cluster://[::1]:7000,[::1]:7001")
+    assert (c.kind, c.hosts) == ("cluster", [("::1", 7000), ("::1", 7001)])
