@@ -6,7 +6,9 @@ in another process, p50/p99/mean in ms:
 - ``lib``: ``await ch.request(i)`` answered by ``b.consume(...)`` (the handler returns the data);
 - ``raw``: the same exchange written in plain redis-py: ``XADD`` of the request with its inbox,
   the responder's ``XREADGROUP BLOCK``, its ``XADD`` of the answer then ``XACK``, and the
-  requester's blocking ``XREAD`` of its inbox.
+  requester's blocking ``XREAD`` of its inbox;
+- ``faststream`` (when ``faststream[redis]`` is installed): ``await broker.request(i,
+  stream=...)`` answered by a FastStream stream subscriber with a group, which returns the data.
 
 Without ``--url`` it starts a private redis-server. Kept apart from the ``broker bench``
 harness (its own entry point): prints a Markdown table, then one JSON line.
@@ -60,6 +62,36 @@ async def _respond_raw(url: str, key: str) -> None:
                     await r.xack(key, "bench", entry_id)
     finally:
         await r.aclose()
+
+
+async def _respond_faststream(url: str, stream: str) -> None:
+    from .faststream import _redis
+
+    fs = _redis()
+    app = fs.RedisBroker(url, logger=None)
+
+    async def echo(data: Any) -> Any:
+        return data
+
+    app.subscriber(stream=fs.StreamSub(stream, group="bench", consumer="c"))(echo)
+    async with app:
+        await app.start()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+
+async def _request_faststream(url: str, stream: str, n: int) -> dict[str, float]:
+    from .faststream import _redis
+
+    app = _redis().RedisBroker(url, logger=None)
+    async with app:
+        await app.connect()
+
+        async def one(i: int) -> None:
+            answer = await app.request(i, stream=stream, timeout=10)
+            assert await answer.decode() == i
+
+        return await _timed(n, one)
 
 
 async def _spawn(*args: str) -> asyncio.subprocess.Process:
@@ -142,6 +174,20 @@ async def measure(url: str, n: int, namespace: str = "bench-request") -> dict[st
         await proc.wait()
         await r.aclose()
         await reader.aclose()
+
+    from .faststream import available
+
+    if available() is not None:
+        stream = f"{ns}:fs"
+        proc = await _spawn("respond-faststream", url, stream)
+        try:
+            out["faststream"] = await _request_faststream(url, stream, n)
+        finally:
+            proc.kill()
+            await proc.wait()
+            r = aioredis.Redis.from_url(url)
+            await r.delete(stream)
+            await r.aclose()
     return out
 
 
@@ -167,11 +213,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "respond-raw":
         asyncio.run(_respond_raw(*args.rest))
         return
+    if args.mode == "respond-faststream":
+        asyncio.run(_respond_faststream(*args.rest))
+        return
     with _server(args.url) as url:
         result = asyncio.run(measure(url, args.requests))
     print("| request round trip (sequential) | p50 ms | p99 ms | mean ms |")
     print("|---|---|---|---|")
-    for side, label in (("raw", "raw redis-py"), ("lib", "broker request()")):
+    sides = (("raw", "raw redis-py"), ("lib", "broker request()"), ("faststream", "FastStream"))
+    for side, label in sides:
+        if side not in result:
+            continue
         f = result[side]
         print(f"| {label} | {f['p50_ms']} | {f['p99_ms']} | {f['mean_ms']} |")
     print(json.dumps({"request": result}))
