@@ -142,4 +142,4 @@ def fast_decoder(codec: Codec) -> Callable[[bytes], Any]:
     return codec.decode
 
 
-_UNPACK = msgpack.unpackb
+_UNPACK: Callable[[bytes], Any] = msgpack.unpackb
