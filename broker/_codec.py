@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -132,12 +131,15 @@ def unpack_headers(raw: bytes | None) -> dict[str, str]:
 
 
 def fast_decoder(codec: Codec) -> Callable[[bytes], Any]:
-    """The codec's decode for the hot path: for msgpack the C function itself (no Python frame
-    per message). It may raise anything on bad input; callers fall back to ``codec.decode``,
-    which reports the error."""
+    """The codec's decode for the hot path: for msgpack the C function itself, with its default
+    options (no Python frame per message, no keyword arguments merged per call: ``raw=False``
+    is msgpack's default, and a map with keys other than str or bytes, which
+    ``strict_map_key`` refuses, raises here and is decoded by ``codec.decode`` instead, with
+    the same result). It may raise anything on bad input; callers fall back to
+    ``codec.decode``, which reports the error."""
     if type(codec) is MsgpackCodec:
         return _UNPACK
     return codec.decode
 
 
-_UNPACK = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False)
+_UNPACK: Callable[[bytes], Any] = msgpack.unpackb

@@ -84,6 +84,8 @@ class Ledger(Generic[T]):
         self.read_cancelled = False
         #: tasks waiting for a message (in __anext__ or chunks()), woken one per message
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: a waiting reader was woken since the readers last yielded (see Reader._loop)
+        self.woken = False
         self.room = asyncio.Event()
         self.parked = 0  # readers waiting for room
         self.parked_hungry = 0  # ... of which have entries to read
@@ -110,6 +112,7 @@ class Ledger(Generic[T]):
             fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
+                self.woken = True
                 if n is not None:
                     n -= 1
 
@@ -119,14 +122,23 @@ class Ledger(Generic[T]):
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(fut)
         try:
-            async with asyncio.timeout(seconds):
+            if seconds is None:  # the common case: no timeout context to enter and leave
                 await fut
+            else:
+                async with asyncio.timeout(seconds):
+                    await fut
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self.wake(1)  # woken, then cancelled or timed out: the message is not ours
             else:
                 fut.cancel()  # wake() skips it
             raise
+        if len(self.buffer) > 1 and self.waiters:
+            # pass it on: arrivals wake one reader, and each woken reader that leaves more
+            # than it takes wakes the next. Waking one per message instead woke readers
+            # for messages the first one had taken already (a handler that never waits
+            # takes them all), only for them to find nothing and wait again
+            self.wake(1)
 
     # -- room ---------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ._decode import decode_entry
+from ._decode import decode_entry, decode_new
 from ._errors import BrokerError, ConnectionLostError, RedisCommandError
 from ._ledger import Ledger
 from ._pubsub import Listener
@@ -258,9 +258,11 @@ class Reader:
                 ledger.reserved -= room
                 self.reserved = 0
                 ledger.make_room()  # what this read did not use may serve another reader
-            if ledger.buffer and ledger.waiters:
-                # let the waiting reader take what just arrived before the next read is
-                # sent: sending first would add its system calls to every message's latency
+            if ledger.woken:
+                # let the woken reader take what just arrived before the next read is sent:
+                # sending first would add its system calls (and the wait for the connection)
+                # to every message's latency
+                ledger.woken = False
                 await asyncio.sleep(0)
 
     # -- the three kinds of read --------------------------------------------------------------
@@ -483,21 +485,17 @@ class Reader:
         ledger = self.ledger
         owner = ledger.owner
         if not counted:  # new entries: delivered for the first time, never held
-            buffer, before, bad = ledger.buffer, len(ledger.buffer), False
-            for raw_id, fields in entries:
-                msg = decode_entry(stream, raw_id.decode(), fields, 1, owner)
-                if msg.error is None and fields:
-                    buffer.append(msg)
-                else:
-                    bad = True
-                    self._settle_bad(stream, msg)
+            buffer, before = ledger.buffer, len(ledger.buffer)
+            bad = decode_new(stream, entries, owner, buffer)
+            for msg in bad:
+                self._settle_bad(stream, msg)
             ledger.buffered_total += len(buffer) - before
             ledger.per_channel[stream.channel][0] += len(buffer) - before
             if bad:
                 self.settler.kick()
                 ledger.make_room()
             if buffer:
-                ledger.wake(len(buffer))
+                ledger.wake(1)  # it wakes the next if it leaves some (see wait_readable)
             return
         held = ledger.held()
         counts: dict[str, int] = {}
@@ -527,7 +525,7 @@ class Reader:
         self.settler.kick()
         ledger.make_room()
         if ledger.buffer:
-            ledger.wake(len(ledger.buffer))
+            ledger.wake(1)
 
     def _settle_bad(self, stream: Stream, msg: Any) -> None:
         """A new entry that cannot be handed out: trimmed already, or undecodable."""

@@ -247,13 +247,17 @@ class Settler:
                 payloads.setdefault(topology.wire_for(key), []).append(
                     pack(b"XCLAIM", key, self.group, self.consumer, 0, *tids, b"JUSTID")
                 )
-            if payloads:
+            waited: list[Any] = []
+            if len(payloads) == 1:  # one node: no task per send (gather makes one each)
+                ((w, parts),) = payloads.items()
+                waited = [await _send(w, parts, wait)]
+            elif payloads:
                 waited = await asyncio.gather(
                     *(_send(w, parts, wait) for w, parts in payloads.items())
                 )
-                if wait is not None:
-                    for w, reply in zip(payloads, waited, strict=True):
-                        self._short(wait, reply, f"acks on {w.name}")
+            if wait is not None:
+                for w, reply in zip(payloads, waited, strict=True):
+                    self._short(wait, reply, f"acks on {w.name}")
             while dead:
                 op = dead[0]
                 keys = [op.stream.key, op.stream.dead_key]

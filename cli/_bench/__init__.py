@@ -14,6 +14,7 @@ Modules: ``harness`` (the run), ``raw``, ``library``, ``faststream`` (the scenar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import click
@@ -100,8 +101,21 @@ def _server(config: Config) -> Iterator[str]:
     default=None,
     help="Include FastStream [default: when installed].",
 )
-@click.option("--uvloop/--no-uvloop", default=None, help="Use uvloop [default: when installed].")
+@click.option(
+    "--loop",
+    "loop_choice",
+    type=click.Choice(["asyncio", "uvloop", "both"]),
+    help="Event loop of every measurement (and of the consumer processes); `both` runs "
+    "everything on each and reports them side by side [default: uvloop when installed].",
+)
+@click.option("--uvloop/--no-uvloop", default=None, help="Same as --loop uvloop / --loop asyncio.")
 @click.option("--rates", default="1000,5000", show_default=True, help="Latency rates, msg/s.")
+@click.option(
+    "--runs",
+    type=click.IntRange(1),
+    help="Latency: N separate runs, each reported on its own, with how many met each target "
+    "(instead of medians of --repeat).",
+)
 @click.option("--latency-seconds", type=click.FloatRange(0.05), help="Seconds per latency run.")
 @click.option("--backlog", type=click.IntRange(100), help="Backlog of the memory scenario.")
 @click.option(
@@ -155,8 +169,10 @@ def bench(
     repeat: int | None,
     only: str | None,
     faststream: bool | None,
+    loop_choice: str | None,
     uvloop: bool | None,
     rates: str,
+    runs: int | None,
     latency_seconds: float | None,
     backlog: int | None,
     memory_seconds: float | None,
@@ -175,7 +191,7 @@ def bench(
     one JSON line (the last line); progress goes to stderr.
     """
     from .harness import run as run_bench
-    from .report import json_line, table
+    from .report import json_line, json_lines_by_loop, side_by_side, table
 
     def pick(value: float | None, full: float, small: float) -> float:
         return value if value is not None else (small if quick else full)
@@ -191,11 +207,24 @@ def bench(
             raise UserError(
                 "--faststream: faststream is not installed (pip install 'broker[bench]')", 2
             )
-    try:
-        loop = use_uvloop(uvloop)
-    except RuntimeError as exc:
-        raise UserError(str(exc), exit_code=2) from None
-    opts = Options(
+    if loop_choice is not None and uvloop is not None:
+        raise UserError("give --loop or --uvloop/--no-uvloop, not both", exit_code=2)
+    if loop_choice is None:
+        loop_choice = {True: "uvloop", False: "asyncio", None: None}[uvloop]
+    choices: dict[str | None, list[bool | None]] = {
+        "asyncio": [False],
+        "uvloop": [True],
+        "both": [False, True],
+        None: [None],
+    }
+    loops = choices[loop_choice]
+    for wanted in loops:
+        if wanted:
+            try:
+                use_uvloop(True)
+            except RuntimeError as exc:
+                raise UserError(str(exc).replace("--uvloop", "--loop"), exit_code=2) from None
+    base = Options(
         messages=int(pick(messages, 100_000, 2_000)),
         fs_messages=int(pick(fs_messages, 20_000, 1_000)),
         tasks=tasks,
@@ -207,12 +236,12 @@ def bench(
         faststream=faststream is not False,
         rates=_ints(rates, "--rates"),
         latency_seconds=pick(latency_seconds, 3.0, 0.3),
+        latency_runs=runs or 0,
         backlog=int(pick(backlog, 1_000_000, 20_000)),
         memory_seconds=pick(memory_seconds, 5.0, 1.0),
         handler_ms=handler_ms,
         processes=_ints(process_counts, "--processes"),
         process_messages=int(pick(process_messages, 200_000, 5_000)),
-        uvloop=loop.startswith("uvloop"),
         cluster_url=cluster_url,
         cluster_messages=int(pick(None, 50_000, 1_000)),
         channel_counts=_ints(channel_counts, "--channel-counts"),
@@ -223,9 +252,21 @@ def bench(
         if not json_only:
             note(text)
 
+    every = []
     with _server(config) as url:
-        results = run(run_bench(url, opts, progress, config.namespace))
+        for wanted in loops:
+            name = use_uvloop(wanted)
+            opts = dataclasses.replace(base, uvloop=name.startswith("uvloop"))
+            if len(loops) > 1:
+                progress(f"--- event loop: {name}")
+            every.append(run(run_bench(url, opts, progress, config.namespace)))
+    if len(every) == 1:
+        if not json_only:
+            click.echo(table(every[0]))
+            click.echo()
+        click.echo(json_line(every[0]))
+        return
     if not json_only:
-        click.echo(table(results))
+        click.echo(side_by_side(every))
         click.echo()
-    click.echo(json_line(results))
+    click.echo(json_lines_by_loop(every))

@@ -30,6 +30,7 @@ from .common import (
     summarize,
     unlink_namespace,
 )
+from .latency import Latency
 
 __all__ = ["GROUPS", "Options", "Results", "run", "select"]
 
@@ -100,6 +101,8 @@ class Options:
     faststream: bool = True
     rates: tuple[int, ...] = (1000, 5000)
     latency_seconds: float = 3.0
+    #: latency: this many separate runs, each reported (0: medians of ``repeat``)
+    latency_runs: int = 0
     backlog: int = 1_000_000
     memory_seconds: float = 5.0
     handler_ms: float = 1.0
@@ -127,6 +130,8 @@ class Results:
     throughput: dict[str, Summary] = dataclasses.field(default_factory=dict)
     #: side ("raw" or "lib") -> rate -> medians
     latency: dict[str, dict[int, latency.Latency]] = dataclasses.field(default_factory=dict)
+    #: with ``latency_runs``: each run's figures, side -> rate -> figures
+    latency_runs: list[dict[str, dict[int, Latency]]] = dataclasses.field(default_factory=list)
     memory: list[processes.Memory] = dataclasses.field(default_factory=list)
     processes: dict[int, Summary] = dataclasses.field(default_factory=dict)
     #: replicas=1 against the default (on a master with a replica)
@@ -343,7 +348,9 @@ async def _throughputs(ctx: _Context, ids: list[str], results: Results, note: No
 async def _latencies(ctx: _Context, results: Results, note: Note) -> None:
     opts = ctx.opts
     per: dict[str, dict[int, list[latency.Latency]]] = {"raw": {}, "lib": {}}
-    for rep in range(opts.repeat):
+    reps = opts.latency_runs or opts.repeat
+    for rep in range(reps):
+        this: dict[str, dict[int, Latency]] = {"raw": {}, "lib": {}}
         for rate in opts.rates:
             key = ctx.key(f"latency-raw-{rate}-{rep}")
             try:
@@ -357,10 +364,13 @@ async def _latencies(ctx: _Context, results: Results, note: Note) -> None:
             finally:
                 await ctx.unlink(ch.key)
             per["lib"].setdefault(rate, []).append(lib)
+            this["raw"][rate], this["lib"][rate] = got, lib
             note(
-                f"latency {rate}/s {rep + 1}/{opts.repeat}: raw p50 {got.p50:.2f} ms p99 "
+                f"latency {rate}/s {rep + 1}/{reps}: raw p50 {got.p50:.2f} ms p99 "
                 f"{got.p99:.2f} ms; broker p50 {lib.p50:.2f} ms p99 {lib.p99:.2f} ms"
             )
+        if opts.latency_runs:
+            results.latency_runs.append(this)
     results.latency = {
         side: {rate: latency.combine(runs) for rate, runs in rates.items()}
         for side, rates in per.items()

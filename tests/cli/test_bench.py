@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import assert_clean
 
 QUICK = (
@@ -60,3 +62,32 @@ async def test_unknown_scenario_is_a_usage_error(sh) -> None:
     done = await sh("bench", "--only", "publish,nope")
     assert done.code == 2
     assert "unknown scenario 'nope'" in done.err and "Traceback" not in done.err
+
+
+async def test_both_loops_side_by_side_with_latency_runs(sh) -> None:
+    pytest.importorskip("uvloop")
+    done = await sh(
+        "bench", "--quick", "--loop", "both", "--runs", "2", "--rates", "1000",
+        "--latency-seconds", "0.1", "--only", "latency,raw.consume,lib.iterate",
+    )  # fmt: skip
+    assert done.code == 0, done.err
+    assert_clean(done.err)
+    *tables, last = done.out.strip().splitlines()
+    text = "\n".join(tables)
+    assert "| path | target | asyncio | uvloop |" in text, text
+    assert "## Event loop: asyncio" in text and "## Event loop: uvloop" in text
+    assert "### Latency, run by run (2 runs" in text
+    assert "in ≥ 2 of 2 runs" in text
+    loops = json.loads(last)["loops"]
+    assert set(loops) == {"asyncio", "uvloop"}
+    for name, doc in loops.items():
+        assert doc["machine"]["loop"] == name
+        assert len(doc["latency_runs"]) == 2
+        assert doc["latency_runs"][0]["lib"]["1000"]["p50"] > 0
+        assert doc["throughput"]["lib.iterate"]["vs_raw"] > 0
+
+
+async def test_loop_and_uvloop_flags_conflict(sh) -> None:
+    done = await sh("bench", "--loop", "asyncio", "--uvloop")
+    assert done.code == 2
+    assert "not both" in done.err and "Traceback" not in done.err
