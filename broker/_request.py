@@ -372,7 +372,7 @@ async def answer(
     topology = link.topology
     follow = topology.single is None or topology.sentinel
     written = await retrying(
-        lambda: ANSWER(link.redis, [to], args),
+        lambda: ANSWER.on_wire(topology, [to], args),
         link.settings.retry,
         msg.channel,
         to,

@@ -34,6 +34,28 @@ class Script:
             await redis.script_load(self.source)
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
+    async def on_wire(self, topology: Any, keys: list[Any], args: list[Any]) -> Any:
+        """The script on the wire of the node that owns ``keys[0]``: a pooled connection
+        without redis-py's per-command timeout wrappers, for scripts on a path someone waits
+        for (a request's answer, a watched value's set). A redirection or a demoted master is
+        raised as a lost connection (redis-py's ``ConnectionError``), which the library's retry
+        loop answers by refreshing the topology; ``NOSCRIPT`` loads the script and runs it."""
+        from ._topology import routing_error
+        from ._wire import pack
+
+        wire = topology.wire_for(keys[0])
+        command = pack(b"EVALSHA", self.sha, len(keys), *keys, *args)
+        (reply,) = await wire.execute(command, 1)
+        if isinstance(reply, rex.NoScriptError) or (
+            isinstance(reply, BaseException) and "NOSCRIPT" in str(reply)
+        ):
+            reply = (await wire.execute(pack(b"SCRIPT", b"LOAD", self.source) + command, 2))[1]
+        if isinstance(reply, BaseException):
+            if routing_error(reply) is not None:
+                raise rex.ConnectionError(f"{keys[0]} is not served by {wire.name}: {reply}")
+            raise reply
+        return reply
+
 
 #: KEYS: stream, dead stream. ARGV: group, id, dead maxlen, then the dead entry's field/values.
 #: Acks the original and appends the dead letter in one step; only the first of two racing

@@ -150,7 +150,7 @@ class Watch(Generic[T]):
             os.urandom(8).hex(),  # the write id: a retry after a lost reply is applied once
         ]
         keys = [self.key, self.version_key]
-        ok, version = await b.call(lambda: WATCH_SET(b.redis, keys, args))
+        ok, version = await b.call(lambda: WATCH_SET.on_wire(b.topology, keys, args))
         if not ok:
             raise VersionConflictError(self.name, expected=if_version, current=int(version))
         return int(version)
@@ -189,7 +189,7 @@ class Watch(Generic[T]):
             "1" if forget else "",
             "SPUBLISH" if b.cluster else "PUBLISH",
         ]
-        ok, current = await b.call(lambda: WATCH_DELETE(b.redis, keys, args))
+        ok, current = await b.call(lambda: WATCH_DELETE.on_wire(b.topology, keys, args))
         if ok < 0:
             raise VersionConflictError(self.name, expected=if_version, current=int(current))
         return bool(ok)

@@ -93,8 +93,8 @@ def _server(config: Config) -> Iterator[str]:
     metavar="LIST",
     help="Comma-separated scenarios: publish, consume, latency, memory, processes, cluster, "
     "channels, durable (replicas=1 against the default), watch (watched values across "
-    "processes; only when named), raw, lib, faststream, or ids like lib.iterate. Default: all "
-    "but watch.",
+    "processes) and request (request round trips; both only when named), raw, lib, faststream, "
+    "or ids like lib.iterate. Default: all but watch and request.",
 )
 @click.option(
     "--faststream/--no-faststream",
@@ -246,6 +246,7 @@ def bench(
         cluster_messages=int(pick(None, 50_000, 1_000)),
         channel_counts=_ints(channel_counts, "--channel-counts"),
         channel_messages=int(pick(None, 2_000, 200)),
+        request_count=int(pick(None, 2_000, 100)),
     )
 
     def progress(text: str) -> None:

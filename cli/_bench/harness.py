@@ -18,6 +18,7 @@ import broker
 
 from . import durable, latency, library, processes, raw, scale
 from . import faststream as fs
+from . import request as request_bench
 from . import watch as watch_bench
 from .common import (
     Run,
@@ -57,9 +58,11 @@ GROUPS: dict[str, list[str]] = {
     "durable": durable.DURABLE,
     # watched values (issue 15): set -> seen in another process, against raw PUBLISH
     "watch": ["watch"],
+    # request/reply (issue 15): round trip against raw redis-py and FastStream
+    "request": ["request"],
 }
 #: measured only when named in ``--only``: two reader processes per repetition
-OPT_IN = ["watch"]
+OPT_IN = ["watch", "request"]
 ALL = [*THROUGHPUT, "latency", "memory", "processes", "cluster", "channels", *durable.DURABLE]
 ALL += OPT_IN
 
@@ -116,6 +119,8 @@ class Options:
     channel_counts: tuple[int, ...] = (1, 100, 1000)
     channel_messages: int = 2_000
     channel_rate: int = 1000
+    #: the request scenario: sequential round trips per side
+    request_count: int = 2_000
 
     @property
     def chunk_prefetch(self) -> int:
@@ -140,6 +145,8 @@ class Results:
     cluster: scale.ClusterResult | None = None
     channels: list[scale.ChannelsResult] = dataclasses.field(default_factory=list)
     watch: watch_bench.WatchBench | None = None
+    #: side ("raw", "lib", "faststream") -> round-trip figures
+    request: dict[str, Any] | None = None
     seconds: float = 0.0
 
 
@@ -285,6 +292,12 @@ async def run(url: str, opts: Options, note: Note, prefix: str = "broker") -> Re
                     seconds=opts.latency_seconds,
                     uvloop=opts.uvloop,
                     note=note,
+                )
+            if "request" in wanted:
+                results.request = await _step(
+                    note,
+                    "request round trips",
+                    lambda: request_bench.measure(url, opts.request_count, f"{ns}-request"),
                 )
         if "cluster" in wanted:
             results.cluster = await _step(

@@ -9,6 +9,7 @@ import json
 import math
 from typing import Any
 
+from . import request as request_bench
 from . import scale
 from .harness import CONSUME, PUBLISH, Results
 from .latency import Latency
@@ -350,6 +351,8 @@ def table(res: Results) -> str:
             lines.append(f"| {k} | {_x(rel)} | {s.rate:,.0f} | {s.cpu_us:.1f} |")
     if res.watch is not None:
         lines += res.watch.lines()
+    if res.request is not None:
+        lines += request_bench.lines(res.request)
     if res.cluster is not None:
         lines += [
             "",
@@ -446,6 +449,7 @@ def json_line(res: Results) -> str:
         "cluster": None if res.cluster is None else res.cluster.to_json(),
         "channels": [c.to_json() for c in res.channels],
         "watch": None if res.watch is None else res.watch.to_json(),
+        "request": res.request,
         "seconds": round(res.seconds, 1),
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)

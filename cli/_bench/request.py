@@ -1,7 +1,8 @@
 """Request round trip: ``python -m broker.cli._bench.request [--url URL] [-n N]``.
 
 Sequential requests (one in flight, so each figure is one whole round trip) through a responder
-in another process, p50/p99/mean in ms:
+in another process, p50/p99/mean in ms; the sides take turns, one request each, so a busy
+moment of the machine falls on all of them:
 
 - ``lib``: ``await ch.request(i)`` answered by ``b.consume(...)`` (the handler returns the data);
 - ``raw``: the same exchange written in plain redis-py: ``XADD`` of the request with its inbox,
@@ -32,7 +33,10 @@ import redis.asyncio as aioredis
 
 import broker
 
-__all__ = ["main", "measure"]
+__all__ = ["TARGET", "lines", "main", "measure"]
+
+#: issue 15: the round trip p50 within this many times raw's, and ahead of FastStream's
+TARGET = 1.5
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,20 +84,6 @@ async def _respond_faststream(url: str, stream: str) -> None:
         await asyncio.Event().wait()
 
 
-async def _request_faststream(url: str, stream: str, n: int) -> dict[str, float]:
-    from .faststream import _redis
-
-    app = _redis().RedisBroker(url, logger=None)
-    async with app:
-        await app.connect()
-
-        async def one(i: int) -> None:
-            answer = await app.request(i, stream=stream, timeout=10)
-            assert await answer.decode() == i
-
-        return await _timed(n, one)
-
-
 async def _spawn(*args: str) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -114,15 +104,8 @@ async def _spawn(*args: str) -> asyncio.subprocess.Process:
     return proc
 
 
-async def _timed(n: int, one: Callable[[int], Awaitable[None]]) -> dict[str, float]:
-    for i in range(min(100, n)):  # warm up: connections, scripts, the inbox
-        await one(-1 - i)
-    samples = []
-    for i in range(n):
-        started = time.perf_counter()
-        await one(i)
-        samples.append((time.perf_counter() - started) * 1000)
-    samples.sort()
+def _figures(n: int, samples: list[float]) -> dict[str, float]:
+    samples = sorted(samples)
     return {
         "requests": n,
         "p50_ms": round(samples[len(samples) // 2], 3),
@@ -131,30 +114,43 @@ async def _timed(n: int, one: Callable[[int], Awaitable[None]]) -> dict[str, flo
     }
 
 
-async def measure(url: str, n: int, namespace: str = "bench-request") -> dict[str, Any]:
-    """Both scenarios on ``url``; their figures, keyed ``lib`` and ``raw``."""
-    ns = f"{namespace}-{uuid.uuid4().hex[:8]}"
-    out: dict[str, Any] = {}
-    proc = await _spawn("respond-lib", url, ns, "rq")
-    try:
-        async with broker.connect(url, namespace=ns) as b:
-            ch = b.channel("rq")
+async def _responder(stack: contextlib.AsyncExitStack, *args: str) -> None:
+    proc = await _spawn(*args)
 
-            async def lib(i: int) -> None:
-                assert await ch.request(i, timeout=10) == i
-
-            out["lib"] = await _timed(n, lib)
-            await b.redis.delete(ch.key)
-    finally:
+    async def stop() -> None:
         proc.kill()
         await proc.wait()
 
-    key, inbox = f"{ns}:raw", f"{ns}:raw-inbox"
-    proc = await _spawn("respond-raw", url, key)
-    r: Any = aioredis.Redis.from_url(url)
-    reader: Any = aioredis.Redis.from_url(url)  # the inbox's own connection, as the library's
-    last = "0-0"
-    try:
+    stack.push_async_callback(stop)
+
+
+async def measure(url: str, n: int, namespace: str = "bench-request") -> dict[str, Any]:
+    """Every side on ``url``, their requests interleaved (one of each in turn, so that each
+    side meets the same moments of a busy machine); figures keyed ``lib``, ``raw`` and, when
+    installed, ``faststream``."""
+    ns = f"{namespace}-{uuid.uuid4().hex[:8]}"
+    sides: dict[str, Callable[[int], Awaitable[None]]] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        # the library: ch.request() answered by consume() in another process
+        await _responder(stack, "respond-lib", url, ns, "rq")
+        b = await stack.enter_async_context(broker.connect(url, namespace=ns))
+        ch = b.channel("rq")
+        stack.push_async_callback(ch.delete)  # the stream, its companions, its record
+
+        async def lib(i: int) -> None:
+            assert await ch.request(i, timeout=10) == i
+
+        sides["lib"] = lib
+
+        # raw redis-py: the same exchange by hand
+        key, inbox = f"{ns}:raw", f"{ns}:raw-inbox"
+        await _responder(stack, "respond-raw", url, key)
+        r: Any = aioredis.Redis.from_url(url)
+        reader: Any = aioredis.Redis.from_url(url)  # the inbox's own connection, as the lib's
+        stack.push_async_callback(r.aclose)
+        stack.push_async_callback(reader.aclose)
+        stack.push_async_callback(r.delete, key, inbox)
+        last = "0-0"
 
         async def raw(i: int) -> None:
             nonlocal last
@@ -167,27 +163,70 @@ async def measure(url: str, n: int, namespace: str = "bench-request") -> dict[st
                         if fields[b"d"] == str(i).encode():
                             return
 
-        out["raw"] = await _timed(n, raw)
-        await r.delete(key, inbox)
-    finally:
-        proc.kill()
-        await proc.wait()
-        await r.aclose()
-        await reader.aclose()
+        sides["raw"] = raw
 
-    from .faststream import available
+        from .faststream import _redis, available
 
-    if available() is not None:
-        stream = f"{ns}:fs"
-        proc = await _spawn("respond-faststream", url, stream)
-        try:
-            out["faststream"] = await _request_faststream(url, stream, n)
-        finally:
-            proc.kill()
-            await proc.wait()
-            r = aioredis.Redis.from_url(url)
-            await r.delete(stream)
-            await r.aclose()
+        if available() is not None:
+            stream = f"{ns}:fs"
+            await _responder(stack, "respond-faststream", url, stream)
+            app = _redis().RedisBroker(url, logger=None)
+            await stack.enter_async_context(app)
+            await app.connect()
+            stack.push_async_callback(r.delete, stream)
+
+            async def faststream(i: int) -> None:
+                answer = await app.request(i, stream=stream, timeout=10)
+                assert await answer.decode() == i
+
+            sides["faststream"] = faststream
+
+        for one in sides.values():  # warm up: connections, scripts, the inboxes
+            for i in range(min(100, n)):
+                await one(-1 - i)
+        samples: dict[str, list[float]] = {side: [] for side in sides}
+        for i in range(n):
+            for side, one in sides.items():
+                started = time.perf_counter()
+                await one(i)
+                samples[side].append((time.perf_counter() - started) * 1000)
+        return {side: _figures(n, got) for side, got in samples.items()}
+
+
+def lines(result: dict[str, Any]) -> list[str]:
+    """The Markdown section of ``broker bench --only request``, with the targets."""
+    n = result["lib"]["requests"]
+    out = [
+        "",
+        f"### Request round trip through a responder process ({n:,} sequential requests a side)",
+        "",
+        "| path | p50 ms | p99 ms | mean ms | p50 x raw | p99 x raw |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    raw = result["raw"]
+    labels = (
+        ("raw", "raw redis-py: `XADD`, `XREADGROUP`, `XADD` answer, blocking `XREAD`"),
+        ("lib", "broker: `ch.request()` answered by `consume()`"),
+        ("faststream", "FastStream: `broker.request(stream=...)`"),
+    )
+    for side, label in labels:
+        f = result.get(side)
+        if f is None:
+            continue
+        out.append(
+            f"| {label} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | {f['mean_ms']:.3f} | "
+            f"{f['p50_ms'] / raw['p50_ms']:.2f}x | {f['p99_ms'] / raw['p99_ms']:.2f}x |"
+        )
+    ratio = result["lib"]["p50_ms"] / raw["p50_ms"]
+    verdict = "met" if ratio <= TARGET else "**missed**"
+    out += ["", f"Target (issue 15): request p50 ≤ {TARGET} x raw: {ratio:.2f}x, {verdict}."]
+    fs = result.get("faststream")
+    if fs is None:
+        out.append("FastStream is not installed (`pip install 'broker[bench]'`): not compared.")
+    else:
+        ahead = fs["p50_ms"] / result["lib"]["p50_ms"]
+        verdict = "met" if ahead > 1 else "**missed**"
+        out.append(f"Ahead of FastStream's request(): its p50 is {ahead:.2f}x ours, {verdict}.")
     return out
 
 
@@ -218,14 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     with _server(args.url) as url:
         result = asyncio.run(measure(url, args.requests))
-    print("| request round trip (sequential) | p50 ms | p99 ms | mean ms |")
-    print("|---|---|---|---|")
-    sides = (("raw", "raw redis-py"), ("lib", "broker request()"), ("faststream", "FastStream"))
-    for side, label in sides:
-        if side not in result:
-            continue
-        f = result[side]
-        print(f"| {label} | {f['p50_ms']} | {f['p99_ms']} | {f['mean_ms']} |")
+    print("\n".join(lines(result)))
     print(json.dumps({"request": result}))
 
 
