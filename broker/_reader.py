@@ -251,8 +251,12 @@ class Reader:
                 # a failover or a moved slot: the subscription regroups its readers when the
                 # slot map changed (this reader is then cancelled)
                 await topology.refresh(str(exc))
-                # a reply lost with the connection may have moved entries to our pending list
+                # a reply lost with the connection may have moved entries to our pending list,
+                # anywhere in it (a claim's entries may be older than a replay's cursor), and a
+                # replay page read but not taken in (its XPENDING lost) is not delivered: the
+                # replay starts over from the first pending entry (held ones are skipped)
                 replay = {s.key for s in self.streams}
+                self._replay_cursors.clear()
                 next_poll = 0.0
             finally:
                 ledger.reserved -= room
@@ -309,8 +313,10 @@ class Reader:
                 replay.discard(stream.key)
                 cursors.pop(stream.key, None)
                 continue
-            cursors[stream.key] = entries[-1][0].decode()
+            # the cursor moves once the page is taken in: a connection lost meanwhile (the
+            # XPENDING in _ingest) must not skip the page's entries
             await self._ingest(stream, entries, counted=True)
+            cursors[stream.key] = entries[-1][0].decode()
 
     def _split(self, room: int, streams: list[Stream]) -> tuple[list[Stream], int]:
         """Which streams to read and the COUNT for each, so that no more than ``room`` entries

@@ -9,11 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 import broker
+from broker._ledger import Ledger
+from broker._stream import Stream
 from tests.conftest import compare_ids
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -294,6 +297,41 @@ async def test_connection_killed_mid_stream_resumes_without_loss(
             await task
         assert m.statistics().reconnects >= 1
     compare_ids(sent, set(received))
+
+
+async def test_connection_lost_while_a_replay_page_is_taken_in_replays_that_page_again(
+    client: broker.Broker, name: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection dies after a replay (``XREADGROUP ... 0``) returned a page, while that page
+    is turned into messages (the ``XPENDING`` of their delivery counts): the replay after the
+    reconnect must read that page again. Continuing after it left its entries pending, unseen,
+    until ``claim_idle`` (what ``CLIENT KILL`` under load did to
+    test_connections_killed_mid_publish_and_read_lose_nothing_and_leak_nothing)."""
+    ch = client.channel(name)
+    sent = await ch.publish_many(range(5))
+    await raw.xgroup_create(ch.key, "g", id="0")
+    # delivered to slot-1 and the reply lost (a connection killed under XREADGROUP >)
+    await raw.xreadgroup("g", "slot-1", {ch.key: ">"})
+    real = Ledger.pending_rows
+    failed: list[list[Any]] = []
+
+    async def killed_once(self: Ledger[Any], stream: Stream, ids: list[Any]) -> dict[str, Any]:
+        if not failed:
+            failed.append(list(ids))
+            raise broker.ConnectionLostError("connection killed while taking in a replay page")
+        return await real(self, stream, ids)
+
+    monkeypatch.setattr(Ledger, "pending_rows", killed_once)
+    async with ch.subscribe(group="g", consumer="slot-1", claim_idle=3600, block=0.1) as m:
+        got = [await asyncio.wait_for(anext(m), 5) for _ in range(5)]
+        m.ack(got)
+        await m.flush()
+        assert m.statistics().reconnects == 1
+    assert len(failed) == 1 and len(failed[0]) == 5
+    compare_ids(sent, [x.id for x in got])
+    # delivered by the lost read, the replay whose page was lost, and the replay again
+    assert [x.deliveries for x in got] == [3] * 5
+    assert (await raw.xpending(ch.key, "g"))["pending"] == 0
 
 
 async def test_ack_after_close_is_an_error_and_the_message_stays_pending(
