@@ -221,6 +221,33 @@ class EmbeddedSentinel:
             _check_time(deadline, "a new master")
             time.sleep(0.05)
 
+    def wait_agreed(self, port: int, timeout: float = 30.0) -> None:
+        """Wait until every running sentinel names the node on ``port`` as the master.
+
+        Start a killed master again only after this: a master without persistence comes back
+        empty, and a sentinel that has not yet heard of the failover may still take it for the
+        master and turn the promoted node into its replica, which then wipes its data in the
+        resync (the Redis Sentinel documentation warns against restarting such masters
+        automatically for this reason).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            named = set()
+            for sentinel in self.sentinels:
+                if sentinel.process is None:
+                    continue
+                with contextlib.suppress(OSError, RuntimeError):
+                    reply = _call(
+                        sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
+                    )
+                    named.add(int(reply[1]) if reply else None)
+                    continue
+                named.add(None)
+            if named == {port}:
+                return
+            _check_time(deadline, f"every sentinel to name port {port} (they name {named})")
+            time.sleep(0.05)
+
     # -- faults -------------------------------------------------------------------------------
 
     def failover(self) -> None:

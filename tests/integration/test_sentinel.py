@@ -41,9 +41,12 @@ def sentinel_set() -> Iterator[EmbeddedSentinel]:
 
 
 def heal(s: EmbeddedSentinel) -> None:
-    """Every node running, replicating the master, and the sentinels agreeing."""
+    """Every node running, replicating the master, and the sentinels agreeing (a killed node
+    starts again only once every sentinel names another master: see ``wait_agreed``)."""
     for node in s.nodes:
         if node.process is None:
+            new = s.wait_master(node.port, 45)
+            s.wait_agreed(new.port, 45)
             node.start()
     s.wait_ready(45)
 
@@ -276,6 +279,10 @@ async def recover(sentinel: EmbeddedSentinel, old_port: int, t0: float) -> tuple
     promoted = time.monotonic() - t0
     old = sentinel.node_at(old_port)
     if old.process is None:
+        # restarted empty: only once no sentinel can take it for the master any more (see
+        # EmbeddedSentinel.wait_agreed: else the promoted node may be made its replica and
+        # wiped, which once lost a stop record and every durable publish in CI)
+        await asyncio.to_thread(sentinel.wait_agreed, new.port, 30)
         await asyncio.to_thread(old.start)
     deadline = time.monotonic() + 40
     while not sentinel.replicas_of(new) and time.monotonic() < deadline:
