@@ -74,9 +74,13 @@ class Message(Generic[T]):
 
     @property
     def reply_to(self) -> str | None:
-        """The requester's inbox key if this message is a request (``channel.request()``)."""
-        headers = self.headers
-        return headers.get("reply-to") if headers else None
+        """The requester's inbox key if this message is a request (``channel.request()``);
+        None otherwise, also for a ``reply-to`` header that is not an inbox key (never
+        answered: see :attr:`is_request`)."""
+        from ._request import reply_address
+
+        address = reply_address(self)
+        return None if address is None else address[0]
 
     @property
     def is_request(self) -> bool:

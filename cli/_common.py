@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -18,11 +19,27 @@ __all__ = [
     "UserError",
     "channel_missing",
     "check_channels",
+    "loads_json",
     "note",
     "run",
 ]
 
 R = TypeVar("R")
+
+
+def loads_json(raw: str | bytes, otherwise: str = "") -> Any:
+    """JSON given on the command line or stdin, parsed.
+
+    :raises ValueError: saying where it is not valid JSON and that strings need quotes, then
+        ``otherwise`` (the command's alternatives, e.g. "or use --text").
+    """
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        where = f" ({exc.msg}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        tail = f" {otherwise}" if otherwise else ""
+        raise ValueError(f"not valid JSON{where}; quote strings ('\"text\"'){tail}") from None
+
 
 #: key of ``ctx.meta``: set by commands whose normal end is Ctrl-C (tail, server), so the
 #: error boundary exits 0 instead of 130

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import stat
 import sys
@@ -20,7 +19,7 @@ from typing import IO, Any
 
 import click
 
-from ._common import Config, UserError, note, run
+from ._common import Config, UserError, loads_json, note, run
 from ._progress import progress
 
 __all__ = ["publish"]
@@ -139,15 +138,7 @@ def publish(
 
 def _parser(mode: str) -> Callable[[bytes], Any]:
     def parse_json(line: bytes) -> Any:
-        try:
-            return json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            where = ""
-            if isinstance(exc, json.JSONDecodeError):
-                where = f" ({exc.msg}, column {exc.colno})"
-            raise ValueError(
-                f"not valid JSON{where}; quote strings ('\"text\"') or use --text or --raw"
-            ) from None
+        return loads_json(line, "or use --text or --raw")
 
     def parse_text(line: bytes) -> str:
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -11,7 +10,7 @@ import click
 
 import broker
 
-from ._common import Config, UserError, run
+from ._common import Config, UserError, loads_json, run
 from ._format import dump, jsonable
 from ._publish import _headers
 
@@ -63,11 +62,9 @@ def request(
       broker request prices '{"sku": "A1"}' --timeout 2
     """
     try:
-        payload = json.loads(os.fsencode(data))
-    except (ValueError, UnicodeDecodeError):
-        raise click.BadParameter(
-            "not valid JSON; quote strings ('\"text\"')", param_hint="DATA"
-        ) from None
+        payload = loads_json(os.fsencode(data))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="DATA") from None
     answer = run(_request(config, channel, codec, payload, headers, timeout))
     sys.stdout.write(dump(jsonable(answer)) + "\n")
     sys.stdout.flush()

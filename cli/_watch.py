@@ -17,7 +17,7 @@ import click
 
 import broker
 
-from ._common import INTERRUPT_ENDS, Config, UserError, note, run
+from ._common import INTERRUPT_ENDS, Config, UserError, loads_json, note, run
 from ._format import TooDeep, _write_line, dump, jsonable
 
 __all__ = ["watch"]
@@ -114,12 +114,9 @@ def watch(
 
 def _parse(text: str) -> Any:
     try:
-        return json.loads(text)
+        return loads_json(text, "or use --text")
     except ValueError as exc:
-        where = f" ({exc.msg}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise click.BadParameter(
-            f"not valid JSON{where}; quote strings ('\"text\"') or use --text", param_hint="VALUE"
-        ) from None
+        raise click.BadParameter(str(exc), param_hint="VALUE") from None
 
 
 def _writer(name: str, *, json_lines: bool) -> Any:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import broker
 from broker._codec import fast_decoder, get_codec, unpack_headers
-from broker._decode import decode_entry
+from broker._decode import decode_entry, decode_new
 from broker._stream import Stream
 from tests.fuzz.conftest import BUDGET, Examples, run_for
 
@@ -217,6 +217,22 @@ def test_fuzz_decode_entry_and_cli_outputs(monkeypatch: pytest.MonkeyPatch) -> N
         else:
             assert not msg.foreign and _same(msg.data, ch.codec.decode(as_dict[b"d"]))
             assert all(isinstance(k, str) and isinstance(v, str) for k, v in msg.headers.items())
+        if not isinstance(fields, dict):
+            # the hot path of every subscription decodes a read's new entries in one loop
+            # (decode_new): the same messages, and the same ones set aside to settle
+            taken: list[Any] = []
+            (put_aside,) = decode_new(ch, [(entry_id.encode(), fields)], None, taken) or [None]
+            first = decode_entry(ch, entry_id, fields, 1)
+            new = taken[0] if taken else put_aside
+            assert (new in taken) == (first.error is None and bool(fields)), (fields, new)
+            assert (new.id, new.deliveries, new.foreign, new.error) == (
+                first.id,
+                1,
+                first.foreign,
+                first.error,
+            )
+            assert _same(new.data, first.data) and new.headers == first.headers
+            assert new.fields == first.fields
         for output in outputs:
             out.seek(0)
             out.truncate()

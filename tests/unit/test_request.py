@@ -35,7 +35,8 @@ def test_reply_address_only_for_inbox_keys() -> None:
     ):
         assert reply_address(_msg(headers)) is None, headers
         assert not _msg(headers).is_request
-    assert _msg({}).reply_to is None
+        assert _msg(headers).reply_to is None, headers  # never an address it won't answer
+    assert _msg({REPLY_TO: INBOX, REPLY_ID: "7"}).reply_to == INBOX
 
 
 class Custom(Exception):
