@@ -277,7 +277,21 @@ class Broker(AsyncResource):
         if self._tasks is None or self._closed:
             coro.close()
             raise ClosedError("the broker is not open; use `async with connect(...) as broker`")
-        return self._tasks.create_task(coro, name=name)
+        return self._tasks.create_task(self._owned(coro), name=name)
+
+    async def _owned(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background task; a ``ClosedError`` met while this broker closes ends it quietly.
+
+        Closing takes several awaits (inbox, stop hub, pub/sub hub, publisher); a task that is
+        recovering from a lost connection in between finds the broker closed. That is its end,
+        not a failure: inside the broker's task group it would cancel the other tasks and make
+        ``aclose`` raise.
+        """
+        try:
+            await coro
+        except ClosedError:
+            if not self._closed:
+                raise
 
     def _pubsub_hub(self) -> Hub:
         """The pub/sub hub: one connection per node for every listener of this broker."""

@@ -30,6 +30,7 @@ from redis.asyncio.connection import ConnectionPool
 
 from ._errors import (
     BrokerError,
+    ClosedError,
     ConnectionLostError,
     PermissionDeniedError,
     RedisCommandError,
@@ -399,7 +400,10 @@ class _Line:
                 self.hub.reconnects += 1
                 log.warning("pub/sub connection to %s lost (%s); reconnecting", self.name, exc)
                 await self._reset()
-                await self._recover(backoff, exc)
+                try:
+                    await self._recover(backoff, exc)
+                except ClosedError:  # the broker closed while this line was reconnecting
+                    return
                 continue
             except RuntimeError:  # the connection was closed under us by unsubscribe/reset
                 await asyncio.sleep(0)

@@ -171,3 +171,34 @@ async def test_stream_deleted_under_a_blocked_read(
         with pytest.raises(broker.GroupMissingError):
             await asyncio.wait_for(reader, 10)
     assert await ch.delete_group("g") is False
+
+
+async def test_task_that_finds_the_broker_closing_ends_quietly(server: str, namespace: str) -> None:
+    """Closing takes several awaits; a background task that touches the broker in between (a
+    pub/sub line reconnecting, as CI once caught) meets ``ClosedError``. That ends the task, and
+    ``aclose`` must not raise it (inside the broker's task group it would)."""
+    b = broker.connect(server, namespace=namespace)
+    touched: list[str] = []
+
+    async def recovering() -> None:
+        while not b._closed:
+            await asyncio.sleep(0.005)
+        touched.append("closing")
+        b.topology  # noqa: B018  (what a reconnecting line reads)
+        touched.append("not reached")
+
+    async with b:
+        b._spawn(recovering(), "test-recovering")
+        b._pubsub_hub()  # and a hub to close, so that closing awaits before its task group ends
+    assert touched == ["closing"]
+    # an error while the broker is open still reaches the task group, as before
+    b2 = broker.connect(server, namespace=namespace)
+    with pytest.raises(ExceptionGroup) as caught:
+        async with b2:
+
+            async def failing() -> None:
+                raise broker.ClosedError("raised while open")
+
+            b2._spawn(failing(), "test-failing")
+            await asyncio.sleep(0.05)
+    assert caught.group_contains(broker.ClosedError)
