@@ -76,7 +76,8 @@ async def sentinel_client(settings: Settings, endpoint: Endpoint) -> Any:
     close it after the client).
 
     The URL's user, password, database and query options are the data nodes' (the ACL user of
-    the application); the sentinels are asked without a password. ``rediss+sentinel://`` is
+    the application); the sentinels are asked with ``?sentinel_password=`` (and
+    ``sentinel_username=``) when given, else without a password. ``rediss+sentinel://`` is
     TLS to both, with the URL's ``ssl_*`` options.
     """
     options = client_options(settings)
@@ -95,6 +96,10 @@ async def sentinel_client(settings: Settings, endpoint: Endpoint) -> Any:
     }
     if tls:
         watch.update(ssl, ssl=True)
+    if endpoint.sentinel_password is not None:
+        watch["password"] = endpoint.sentinel_password
+        if endpoint.sentinel_username is not None:
+            watch["username"] = endpoint.sentinel_username
     sentinel = EpochSentinel(endpoint.hosts, sentinel_kwargs=watch)
     assert endpoint.service is not None
     client = sentinel.master_for(
@@ -124,12 +129,17 @@ class EpochSentinel(Sentinel):
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         errors: list[str] = []
+        refused: list[str] = []  # sentinels that want (other) credentials
         found: list[tuple[int, str, int]] = []
         need = len(self.sentinels) // 2 + 1
 
         async def ask(sentinel: Any) -> None:
             try:
                 masters = await sentinel.sentinel_masters()
+            except rex.AuthenticationError as exc:
+                refused.append(f"{_address(sentinel)}: {exc}")
+                errors.append(refused[-1])
+                return
             except (OSError, rex.ConnectionError, rex.TimeoutError, rex.ResponseError) as exc:
                 errors.append(f"{sentinel}: {type(exc).__name__}: {exc}")
                 return
@@ -150,9 +160,20 @@ class EpochSentinel(Sentinel):
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        if not found and refused:
+            raise rex.AuthenticationError(
+                f"the sentinels refused to answer ({', '.join(refused)}): give their own "
+                "password as ?sentinel_password=... (and ?sentinel_username=... for an ACL "
+                "user) in the URL; the URL's user and password are the data nodes'"
+            )
         if not found:
             raise MasterNotFoundError(f"No master found for {service_name!r}: {', '.join(errors)}")
         _, ip, port = max(found)
         if self._force_master_ip is not None:
             ip = self._force_master_ip
         return ip, port
+
+
+def _address(client: Any) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host')}:{kwargs.get('port')}"

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode
 
 from ._server import EmbeddedServer
 from ._server_cluster import _call, _check_time, _info
@@ -59,6 +61,8 @@ class EmbeddedSentinel:
     :param failover_timeout: ``failover-timeout`` in ms (a failed failover is retried after
         twice this).
     :param extra: more arguments for the data nodes (``--user ...``, say).
+    :param sentinel_password: the sentinels' ``requirepass`` (they use it with each other
+        too); :attr:`url` then carries it as ``?sentinel_password=``.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class EmbeddedSentinel:
         down_after: int = 1000,
         failover_timeout: int = 3000,
         extra: list[str] | None = None,
+        sentinel_password: str | None = None,
     ) -> None:
         if replicas < 0 or sentinels < 1 or not 1 <= quorum <= sentinels:
             raise ValueError("replicas must be >= 0, sentinels >= 1, 1 <= quorum <= sentinels")
@@ -78,6 +83,7 @@ class EmbeddedSentinel:
         self.quorum = quorum
         self.down_after = down_after
         self.failover_timeout = failover_timeout
+        self.sentinel_password = sentinel_password
         self._tmp = tempfile.TemporaryDirectory(prefix="broker-sentinel-")
         #: the data nodes; the first is the master when the set starts (failovers change which)
         self.nodes: list[EmbeddedServer] = []
@@ -101,12 +107,17 @@ class EmbeddedSentinel:
         for i in range(sentinels):
             folder = Path(self._tmp.name, f"sentinel{i}")
             folder.mkdir()
-            self.sentinels.append(_SentinelProcess(str(folder), []))
+            sentinel = _SentinelProcess(str(folder), [])
+            sentinel.password = sentinel_password  # its readiness PING authenticates
+            self.sentinels.append(sentinel)
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.service}"
+        if self.sentinel_password is None:
+            return f"redis+sentinel://{hosts}/{self.service}"
+        secret = urlencode({"sentinel_password": self.sentinel_password})
+        return f"redis+sentinel://{hosts}/{self.service}?{secret}"
 
     def start(self, timeout: float = 30.0) -> EmbeddedSentinel:
         deadline = time.monotonic() + timeout
@@ -123,6 +134,10 @@ class EmbeddedSentinel:
                 f"sentinel failover-timeout {self.service} {self.failover_timeout}",
                 f"sentinel parallel-syncs {self.service} 1",
             ]
+            if self.sentinel_password is not None:
+                # clients and the other sentinels must AUTH; a sentinel uses it with the others
+                pw = self.sentinel_password
+                sentinel.lines += [f"requirepass {pw}", f"sentinel sentinel-pass {pw}"]
             sentinel.start()
         self.wait_ready(deadline - time.monotonic())
         return self
@@ -139,7 +154,7 @@ class EmbeddedSentinel:
             if sentinel.process is None:
                 continue
             with contextlib.suppress(OSError, RuntimeError):
-                reply = _call(sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                reply = self._ask(sentinel, "GET-MASTER-ADDR-BY-NAME", self.service)
                 if reply:
                     ports.add(int(reply[1]))
         for node in self.running():
@@ -198,7 +213,7 @@ class EmbeddedSentinel:
     def _sentinel_sees(
         self, sentinel: EmbeddedServer, master: EmbeddedServer, replicas: int, others: int
     ) -> bool:
-        reply = _call(sentinel.port, "SENTINEL", "MASTER", self.service)
+        reply = self._ask(sentinel, "MASTER", self.service)
         state = {reply[i].decode(): reply[i + 1].decode() for i in range(0, len(reply), 2)}
         flags = state.get("flags", "")
         return (
@@ -237,9 +252,7 @@ class EmbeddedSentinel:
                 if sentinel.process is None:
                     continue
                 with contextlib.suppress(OSError, RuntimeError):
-                    reply = _call(
-                        sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
-                    )
+                    reply = self._ask(sentinel, "GET-MASTER-ADDR-BY-NAME", self.service)
                     named.add(int(reply[1]) if reply else None)
                     continue
                 named.add(None)
@@ -248,6 +261,9 @@ class EmbeddedSentinel:
             _check_time(deadline, f"every sentinel to name port {port} (they name {named})")
             time.sleep(0.05)
 
+    def _ask(self, sentinel: EmbeddedServer, *args: object) -> Any:
+        return _call(sentinel.port, "SENTINEL", *args, password=self.sentinel_password)
+
     # -- faults -------------------------------------------------------------------------------
 
     def failover(self) -> None:
@@ -255,7 +271,7 @@ class EmbeddedSentinel:
         master becomes a replica of the new one)."""
         for sentinel in self.sentinels:
             if sentinel.process is not None:
-                _call(sentinel.port, "SENTINEL", "FAILOVER", self.service)
+                self._ask(sentinel, "FAILOVER", self.service)
                 return
         raise RuntimeError("no sentinel is running")
 

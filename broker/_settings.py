@@ -6,7 +6,7 @@ import dataclasses
 import os
 import re
 from typing import Any
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._errors import ConfigurationError
 from ._retry import RetryPolicy
@@ -36,12 +36,21 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
+    query = _SENTINEL_SECRET.sub(r"\1***", parts.query)
     userinfo, at, hostport = parts.netloc.rpartition("@")
     if not at or ":" not in userinfo:
-        return url
+        if query == parts.query:
+            return url
+        return urlunsplit(parts._replace(query=query))
     user = userinfo.split(":", 1)[0]
     netloc = f"{user}:***@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+#: the sentinels' own password, a query option of a Sentinel URL (masked like the password)
+_SENTINEL_SECRET = re.compile(r"((?:^|&)sentinel_password=)[^&]*")
+#: query options that are the sentinels' credentials, not the data nodes'
+SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +123,7 @@ _EXAMPLE = (
     "redis://[user:password@]host:6379/0, rediss://host:6380/0, unix:///path/redis.sock, "
     "redis+cluster://host:7000[,host:7001...] or "
     "redis+sentinel://[user:password@]host:26379[,host:26380...]/service_name[/db]"
+    "[?sentinel_password=...]"
 )
 
 
@@ -149,6 +159,11 @@ class Endpoint:
     #: the Sentinel service (master) name
     service: str | None = None
     db: int = 0
+    #: the sentinels' own credentials (``?sentinel_username=&sentinel_password=``), for
+    #: sentinels started with ``requirepass`` or an ACL; the URL's user and password are the
+    #: data nodes'
+    sentinel_username: str | None = None
+    sentinel_password: str | None = dataclasses.field(default=None, repr=False)
 
 
 def _urlsplit(url: str) -> SplitResult:
@@ -188,6 +203,17 @@ def parse_endpoint(url: str) -> Endpoint:
         raise ConfigurationError(f"URL {redact_url(url)!r} has no host; use {_EXAMPLE}")
     base, _, kind = scheme.partition("+")
     path = parts.path.strip("/")
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    sentinel_auth = {k: v for k, v in options if k in SENTINEL_OPTIONS}
+    if sentinel_auth and kind != "sentinel":
+        raise ConfigurationError(
+            f"{' and '.join(sorted(sentinel_auth))} in {redact_url(url)!r}: the sentinels' "
+            "credentials are options of a redis+sentinel:// URL only"
+        )
+    if "sentinel_username" in sentinel_auth and not sentinel_auth.get("sentinel_password"):
+        raise ConfigurationError(
+            f"sentinel_username without sentinel_password in {redact_url(url)!r}"
+        )
     if kind == "sentinel":
         hosts = _split_hosts(url, hostlist)
         service, _, db = path.partition("/")
@@ -229,5 +255,18 @@ def parse_endpoint(url: str) -> Endpoint:
     host, port = hosts[0]
     shown = f"[{host}]" if ":" in host else host
     node_netloc = f"{userinfo}{at}{shown}:{port}"
-    node_url = urlunsplit((base, node_netloc, "/0", parts.query, ""))
-    return Endpoint(kind, node_url, hosts, service if kind == "sentinel" else None, int(db or 0))
+    query = parts.query
+    if sentinel_auth:  # the data nodes' options without the sentinels' credentials
+        query = urlencode([(k, v) for k, v in options if k not in SENTINEL_OPTIONS])
+    node_url = urlunsplit((base, node_netloc, "/0", query, ""))
+    if kind != "sentinel":
+        return Endpoint(kind, node_url, hosts, None, int(db or 0))
+    return Endpoint(
+        kind,
+        node_url,
+        hosts,
+        service,
+        int(db or 0),
+        sentinel_username=sentinel_auth.get("sentinel_username") or None,
+        sentinel_password=sentinel_auth.get("sentinel_password") or None,
+    )

@@ -473,3 +473,46 @@ async def test_pubsub_follows_the_master_at_once(
             await asyncio.wait_for(token.wait(), 5)
         await c.stop_source(name).reset()
     assert receivers >= 1, "the token's pub/sub connection is not on the new master"
+
+
+# -- sentinels that require a password ---------------------------------------------------------
+
+
+async def test_sentinels_with_a_password_of_their_own(name: str, namespace: str) -> None:
+    """Sentinels started with ``requirepass`` (as managed services run them): the URL gives
+    their password as ``?sentinel_password=``, apart from the data nodes' credentials; the
+    master is found, followed across ``SENTINEL FAILOVER`` (the ``+switch-master`` watch
+    authenticates too), and a missing or wrong password is a typed error that says what to do
+    and never shows the password."""
+    with EmbeddedSentinel(
+        service="guarded", sentinel_password="s3nt-pw", down_after=1000, failover_timeout=3000
+    ) as s:
+        assert "sentinel_password=s3nt-pw" in s.url
+        bare = s.url.split("?", 1)[0]
+        with pytest.raises(broker.AuthenticationError, match="sentinel_password") as caught:
+            async with broker.connect(bare, connect_timeout=2):
+                pass
+        with pytest.raises(broker.AuthenticationError) as wrong:
+            async with broker.connect(f"{bare}?sentinel_password=WRONG-pw", connect_timeout=2):
+                pass
+        assert "WRONG-pw" not in str(wrong.value) and "s3nt-pw" not in str(caught.value)
+
+        async with broker.connect(s.url, namespace=namespace) as b:
+            assert "s3nt-pw" not in repr(b) and "s3nt-pw" not in b.settings.safe_url
+            old = s.master()
+            assert b.topology.master == ("127.0.0.1", old.port)
+            ch = b.channel(name)
+            sent = [await ch.publish(i) for i in range(10)]
+            await asyncio.to_thread(s.failover)
+            new = await asyncio.to_thread(s.wait_master, old.port, 30)
+            async with asyncio.timeout(15):
+                while b.topology.master != ("127.0.0.1", new.port):
+                    await asyncio.sleep(0.02)
+            sent += [await ch.publish(i) for i in range(10, 20)]
+            direct = aioredis.Redis(port=new.port)
+            try:
+                # every publish is on the new master (the first ten reached it by replication)
+                ids = [i.decode() for i, _ in await direct.xrange(ch.key)]
+            finally:
+                await direct.aclose()
+            compare_ids(sent, ids)

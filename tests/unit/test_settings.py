@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import broker
@@ -59,3 +61,42 @@ def test_bad_namespace_and_options() -> None:
         Settings.from_url("redis://h:1/0", namespace="has space")
     with pytest.raises(ConfigurationError, match="max_payload"):
         Settings(max_payload=0)
+
+
+def test_the_sentinels_own_password_is_a_query_option_kept_from_the_data_nodes() -> None:
+    from broker._settings import parse_endpoint
+
+    url = (
+        "redis+sentinel://app:app-pw@h1:26379,h2:26380/orders/2"
+        "?sentinel_username=watcher&sentinel_password=s3cret&health_check_interval=5"
+    )
+    e = parse_endpoint(url)
+    assert (e.kind, e.service, e.db) == ("sentinel", "orders", 2)
+    assert e.hosts == [("h1", 26379), ("h2", 26380)]
+    assert (e.sentinel_username, e.sentinel_password) == ("watcher", "s3cret")
+    # the data nodes get the URL's user, password and other options, not the sentinels'
+    assert e.node_url == "redis://app:app-pw@h1:26379/0?health_check_interval=5"
+    assert "s3cret" not in repr(e)
+    safe = Settings(url=url).safe_url
+    assert "s3cret" not in safe and "app-pw" not in safe
+    assert "sentinel_password=***" in safe and "health_check_interval=5" in safe
+    assert redact_url("redis+sentinel://h:1/s?sentinel_password=x&a=1") == (
+        "redis+sentinel://h:1/s?sentinel_password=***&a=1"
+    )
+    # without them, the sentinels are asked without a password
+    plain = parse_endpoint("redis+sentinel://h1:26379/orders")
+    assert (plain.sentinel_username, plain.sentinel_password) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis://h:6379/0?sentinel_password=s3cret", "redis+sentinel:// URL only"),
+        ("redis+cluster://h:7000?sentinel_password=s3cret", "redis+sentinel:// URL only"),
+        ("redis+sentinel://h:26379/s?sentinel_username=u", "without sentinel_password"),
+    ],
+)
+def test_sentinel_options_elsewhere_are_a_clear_error(url: str, words: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(words)) as caught:
+        Settings(url=url).endpoint  # noqa: B018 - parsing raises
+    assert "s3cret" not in str(caught.value)
