@@ -42,7 +42,7 @@ from ._settings import Settings
 from ._stop import RemoteStopSource, RemoteStopToken, StopSource, StopToken
 from ._subscription import ChannelStatistics, Subscription, SubscriptionStatistics
 from ._tail import Tail
-from ._watch import Version, Watch, WatchStatistics, WatchSubscription
+from ._watch import Version, Watch, WatchStatistics, WatchSubscription, WatchTotals
 
 __version__ = "0.1.0"
 
@@ -90,6 +90,7 @@ __all__ = [
     "Watch",
     "WatchStatistics",
     "WatchSubscription",
+    "WatchTotals",
     "WrongTypeError",
     "__version__",
     "chunks",

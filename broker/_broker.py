@@ -25,6 +25,9 @@ from ._settings import Settings
 from ._topology import Topology
 from ._wire import Wire
 
+#: the fields of WatchTotals, counted by the broker
+WATCH_COUNTS = ("sets", "deletes", "conflicts", "readers", "yielded", "rereads")
+
 if TYPE_CHECKING:
     from ._channel import Channel
     from ._message import Message
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     from ._stop import RemoteStopSource, RemoteStopToken, StopHub, StopToken
     from ._subscription import Subscription
     from ._tail import Tail
-    from ._watch import Watch
+    from ._watch import Watch, WatchTotals
 
 __all__ = ["Broker", "connect"]
 
@@ -79,6 +82,8 @@ class Broker(AsyncResource):
         self._hub: StopHub | None = None
         self._pubsub: Hub | None = None
         self._inbox: Inbox | None = None
+        #: what this broker's watched values did (see :meth:`watch_statistics`)
+        self._watch_counts: dict[str, int] = dict.fromkeys(WATCH_COUNTS, 0)
         self._clock_offset_ms = 0
         self.bells: Bells | None = None
         #: partition counts of channels, as recorded on the server (they never change)
@@ -319,6 +324,13 @@ class Broker(AsyncResource):
 
             return RequestStatistics(0, 0, 0, 0, None)
         return self._inbox.statistics()
+
+    def watch_statistics(self) -> WatchTotals:
+        """Watched values of this broker: sets, deletes, compare-and-set conflicts, readers
+        open now, values they yielded and their re-reads of the server."""
+        from ._watch import WatchTotals
+
+        return WatchTotals(**self._watch_counts)
 
     def _stop_hub(self) -> StopHub:
         if self._hub is None:

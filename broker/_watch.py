@@ -39,7 +39,15 @@ from ._scripts import WATCH_DELETE, WATCH_SET
 if TYPE_CHECKING:
     from ._broker import Broker
 
-__all__ = ["INLINE_LIMIT", "Version", "Watch", "WatchStatistics", "WatchSubscription", "watch_key"]
+__all__ = [
+    "INLINE_LIMIT",
+    "Version",
+    "Watch",
+    "WatchStatistics",
+    "WatchSubscription",
+    "WatchTotals",
+    "watch_key",
+]
 
 log = logging.getLogger("broker.watch")
 T = TypeVar("T")
@@ -79,6 +87,21 @@ class WatchStatistics:
     rereads: int
     version: int
     pending: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WatchTotals:
+    """The watched values of a broker (``broker.watch_statistics()``): ``sets`` and
+    ``deletes`` that changed a value, compare-and-set ``conflicts``, ``readers`` open now, the
+    values they ``yielded`` and their ``rereads`` of the server (after gaps, for large
+    values). Exported as metrics (``broker_watch_*``)."""
+
+    sets: int
+    deletes: int
+    conflicts: int
+    readers: int
+    yielded: int
+    rereads: int
 
 
 def _check_version(if_version: int | None) -> None:
@@ -152,7 +175,9 @@ class Watch(Generic[T]):
         keys = [self.key, self.version_key]
         ok, version = await b.call(lambda: WATCH_SET.on_wire(b.topology, keys, args))
         if not ok:
+            b._watch_counts["conflicts"] += 1
             raise VersionConflictError(self.name, expected=if_version, current=int(version))
+        b._watch_counts["sets"] += 1
         return int(version)
 
     async def get(self) -> Version[T] | None:
@@ -191,7 +216,10 @@ class Watch(Generic[T]):
         ]
         ok, current = await b.call(lambda: WATCH_DELETE.on_wire(b.topology, keys, args))
         if ok < 0:
+            b._watch_counts["conflicts"] += 1
             raise VersionConflictError(self.name, expected=if_version, current=int(current))
+        if ok:
+            b._watch_counts["deletes"] += 1
         return bool(ok)
 
     def subscribe(self) -> WatchSubscription[T]:
@@ -243,12 +271,16 @@ class WatchSubscription(AsyncResource, Generic[T]):
         self._messages = 0
         self._rereads = 0
         self._yielded = 0
+        self._counted = False  # among the broker's readers
 
     async def __aenter__(self) -> WatchSubscription[T]:
         if self._entered:
             raise ClosedError("a watch subscription can be entered once; subscribe again")
         self._entered = True
-        await self.watch.broker._pubsub_hub().add(self._listener)
+        b = self.watch.broker
+        await b._pubsub_hub().add(self._listener)
+        b._watch_counts["readers"] += 1
+        self._counted = True
         # subscribed: every change from now on is announced; the one before is read on the
         # first __anext__ (self._reread)
         return self
@@ -259,6 +291,9 @@ class WatchSubscription(AsyncResource, Generic[T]):
             return
         self._closed = True
         self._changed.set()  # a reader waiting in another task ends
+        if self._counted:
+            self.watch.broker._watch_counts["readers"] -= 1
+            self._counted = False
         if self._entered:
             await self.watch.broker._pubsub_hub().remove(self._listener)
 
@@ -319,6 +354,7 @@ class WatchSubscription(AsyncResource, Generic[T]):
             if self._gaps != self._covered or self._announced > max(self._last, newest_pending):
                 gaps, announced = self._gaps, self._announced
                 self._rereads += 1
+                self.watch.broker._watch_counts["rereads"] += 1
                 found = await self.watch._read()
                 self._covered = gaps
                 if self._announced <= announced:
@@ -340,5 +376,6 @@ class WatchSubscription(AsyncResource, Generic[T]):
                 log.warning("watch %s: skipping version %d: %s", self.watch.name, version, exc)
                 continue
             self._yielded += 1
+            self.watch.broker._watch_counts["yielded"] += 1
             return Version(value, version)
         raise StopAsyncIteration

@@ -86,6 +86,14 @@ _REQUESTS = (
         "Answers nobody waited for (late, or a retried request's second answer): dropped.",
     ),
 )
+#: (broker watch statistics field, metric name, help) of the watched values' counters
+_WATCHES = (
+    ("sets", "broker_watch_sets", "Watched values set (a new version)."),
+    ("deletes", "broker_watch_deletes", "Watched values deleted."),
+    ("conflicts", "broker_watch_conflicts", "Compare-and-set sets and deletes refused."),
+    ("yielded", "broker_watch_values_seen", "Values handed to watch readers."),
+    ("rereads", "broker_watch_rereads", "Watch readers' reads of the server (gaps, big values)."),
+)
 _GAUGES = (
     ("buffered", "broker_buffered_messages", "Messages fetched, not yet handed out."),
     ("in_flight", "broker_in_flight_messages", "Messages handed out, not yet settled."),
@@ -363,11 +371,14 @@ class BrokerCollector(Collector):
                     gauges[field] = gauges.get(field, 0) + t.last.get(field, 0)
             pub: dict[str, dict[str, int]] = {ns: dict(c) for ns, c in self._retired_pub.items()}
             queued: dict[str, int] = {}
+            readers: dict[str, int] = {}
+            summed = ("batches", "published", *(f for f, _, _ in (*_REQUESTS, *_WATCHES)))
             for t in brokers:
                 into = pub.setdefault(t.labels[0], {})
-                for name in ("batches", "published", *(f for f, _, _ in _REQUESTS)):
+                for name in summed:
                     into[name] = into.get(name, 0) + t.last.get(name, 0)
                 queued[t.labels[0]] = queued.get(t.labels[0], 0) + t.last.get("queued", 0)
+                readers[t.labels[0]] = readers.get(t.labels[0], 0) + t.last.get("readers", 0)
             published = dict(self._published)
             handled = self._handled.export()
             failures = dict(self._failures)
@@ -407,11 +418,17 @@ class BrokerCollector(Collector):
         for ns, n in sorted(queued.items()):
             queue.add_metric([ns], n)
         out.append(queue)
-        for field, name, doc in _REQUESTS:
-            requests = CounterMetricFamily(name, doc, labels=["namespace"])
+        for field, name, doc in (*_REQUESTS, *_WATCHES):
+            per_broker = CounterMetricFamily(name, doc, labels=["namespace"])
             for ns, c in sorted(pub.items()):
-                requests.add_metric([ns], c.get(field, 0))
-            out.append(requests)
+                per_broker.add_metric([ns], c.get(field, 0))
+            out.append(per_broker)
+        watchers = GaugeMetricFamily(
+            "broker_watch_readers", "Watch readers open now.", labels=["namespace"]
+        )
+        for ns, n in sorted(readers.items()):
+            watchers.add_metric([ns], n)
+        out.append(watchers)
         for field, name, doc in _COUNTERS:
             family = CounterMetricFamily(name, doc, labels=names)
             for labels, c in sorted(counts.items()):
@@ -541,7 +558,16 @@ def _publisher_counts(b: Broker) -> dict[str, int]:
     s = p.statistics()
     r = b.request_statistics()
     requests = {field: getattr(r, field) for field, _, _ in _REQUESTS}
-    return {"batches": s.batches, "published": s.published, "queued": s.queued, **requests}
+    w = b.watch_statistics()
+    watches = {field: getattr(w, field) for field, _, _ in _WATCHES}
+    return {
+        "batches": s.batches,
+        "published": s.published,
+        "queued": s.queued,
+        "readers": w.readers,
+        **requests,
+        **watches,
+    }
 
 
 def _read_now(objs: list[_Tracked]) -> None:

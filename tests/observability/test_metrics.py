@@ -191,3 +191,42 @@ async def test_request_counters(registry: CollectorRegistry, redis_url: str, nam
         assert count("broker_requests_answered") == 1
         assert count("broker_requests_timed_out") == 1
         assert count("broker_replies_dropped") == 1
+
+
+async def test_watch_counters(registry: CollectorRegistry, redis_url: str, name: str) -> None:
+    async with isolated(redis_url) as b:
+        ns = b.namespace
+
+        def sample(metric: str) -> float:
+            families = {f.name: f for f in registry.collect()}
+            (s,) = [s for s in families[metric].samples if s.labels["namespace"] == ns]
+            return s.value
+
+        w = b.watch(name)
+        await w.set("a")  # version 1
+        async with w.subscribe() as values:
+            assert (await asyncio.wait_for(anext(values), 5)).version == 1
+            assert sample("broker_watch_readers") == 1
+            await w.set("b")
+            assert (await asyncio.wait_for(anext(values), 5)).version == 2
+            with pytest.raises(broker.VersionConflictError):
+                await w.set("c", if_version=1)
+            with pytest.raises(broker.VersionConflictError):
+                await w.delete(if_version=1)
+            assert await w.delete(if_version=2)
+            assert not await w.delete()  # nothing to delete: not counted
+        stats = values.statistics()
+        assert b.watch_statistics() == broker.WatchTotals(
+            sets=2, deletes=1, conflicts=2, readers=0, yielded=2, rereads=stats.rereads
+        )
+        assert stats.rereads >= 1  # the first value is read from the server
+        assert sample("broker_watch_sets") == 2
+        assert sample("broker_watch_deletes") == 1
+        assert sample("broker_watch_conflicts") == 2
+        assert sample("broker_watch_values_seen") == 2
+        assert sample("broker_watch_rereads") == stats.rereads
+        assert sample("broker_watch_readers") == 0
+    # a closed broker's counts stay in the totals; its readers gauge goes with it
+    assert sample("broker_watch_sets") == 2
+    families = {f.name: f for f in registry.collect()}
+    assert not [s for s in families["broker_watch_readers"].samples if s.labels["namespace"] == ns]
