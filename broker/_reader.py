@@ -367,8 +367,13 @@ class Reader:
 
     async def _read_new(self, room: int, limit: float | None, block: float) -> None:
         per_stream = max(1, -(-room // len(self.streams)))
+        # acks queued since the last read go ahead of it, on its connection (see take_riders)
+        settler = self.settler
+        riders = settler.take_riders(self.keys)
+        ahead = [] if riders is None else settler.rider_commands(riders)
         payload = b"".join(
             (
+                *ahead,
                 self._read_head,
                 b"$5\r\nCOUNT\r\n",
                 bulk(b"%d" % per_stream),
@@ -378,7 +383,11 @@ class Reader:
             )
         )
         self.ledger.read_cancelled = True  # cleared below unless the read is cancelled midway
-        reply = await self.calls.call(lambda: self._xreadgroup(payload, block, limit))
+        try:
+            reply = await self.calls.call(lambda: self._xreadgroup(payload, block, limit, riders))
+        finally:
+            if riders is not None:
+                settler.riders_back(riders)  # unless their replies were read
         self.ledger.read_cancelled = False
         self._drained = sum(len(entries) for _, entries in reply) < per_stream
         for key, entries in reply:
@@ -453,12 +462,25 @@ class Reader:
         return out
 
     async def _xreadgroup(
-        self, payload: bytes, wait: float, limit: float | None
+        self,
+        payload: bytes,
+        wait: float,
+        limit: float | None,
+        riders: dict[str, list[str]] | None = None,
     ) -> list[tuple[bytes, list[Any]]]:
         """``XREADGROUP`` as the server sends it: ``[(key, [[id, [field, value, ...]]])]``
-        (fields ``None`` for an entry deleted while pending); RESP2 or RESP3."""
-        (reply,) = await self.wire.execute(payload, 1, wait=wait, limit=limit)
-        return self._xreadgroup_reply(reply)
+        (fields ``None`` for an entry deleted while pending); RESP2 or RESP3. ``riders``: the
+        acks whose ``XACK`` commands go ahead of it, settled as soon as their replies are read."""
+        if riders is None:
+            (reply,) = await self.wire.execute(payload, 1, wait=wait, limit=limit)
+            return self._xreadgroup_reply(reply)
+        n = len(riders)
+
+        def landed(replies: list[Any]) -> None:
+            self.settler.riders_landed(riders, replies)
+
+        out = await self.wire.execute(payload, n + 1, wait=wait, limit=limit, early=(n, landed))
+        return self._xreadgroup_reply(out[-1])
 
     def _xreadgroup_reply(self, reply: Any) -> list[tuple[bytes, list[Any]]]:
         if isinstance(reply, BaseException):

@@ -133,6 +133,9 @@ class Settler:
         self.sending = 0
         #: acks and dead letters on the wire right now (still held: a replay must skip them)
         self.in_transit: tuple[dict[str, list[str]], list[DeadOp]] = ({}, [])
+        #: acks riding ahead of a reader's blocking read (see :meth:`take_riders`), and how many
+        self.riding: list[dict[str, list[str]]] = []
+        self.riding_n = 0
         #: recently reported trimmed entries (bounded), so each is reported once
         self.trimmed_seen: dict[tuple[str, str], None] = {}
         self.dead_lettered = 0
@@ -193,22 +196,80 @@ class Settler:
 
     def unsent(self) -> int:
         """Acks queued and not yet on the wire, plus those on the wire."""
-        return sum(map(len, self.acks.values())) + self.sending
+        return sum(map(len, self.acks.values())) + self.sending + self.riding_n
 
     def pending(self) -> int:
-        return sum(map(len, self.acks.values())) + len(self.dead) + self.sending
+        queued = sum(map(len, self.acks.values()))
+        return queued + len(self.dead) + self.sending + self.riding_n
 
     def idle(self) -> bool:
-        return not (self.acks or self.dead or self.touch or self.sending)
+        return not (self.acks or self.dead or self.touch or self.sending or self.riding_n)
 
     def held(self) -> set[tuple[str, str]]:
         """``(stream key, id)`` of entries being settled (a replay must skip them)."""
         held = {(key, i) for key, ids in self.acks.items() for i in ids}
+        held.update((key, i) for mine in self.riding for key, ids in mine.items() for i in ids)
         held.update((op.stream.key, op.id) for op in self.dead)
         acks, dead = self.in_transit
         held.update((key, i) for key, ids in acks.items() for i in ids)
         held.update((op.stream.key, op.id) for op in dead)
         return held
+
+    # -- acks riding with a read ----------------------------------------------------------------
+
+    def take_riders(self, keys: frozenset[str]) -> dict[str, list[str]] | None:
+        """Take the queued acks of ``keys`` to send ahead of a blocking read on their node: one
+        write and one round trip less per read than a separate ``XACK`` (at a message at a time,
+        one per message). Only plain acks ride: durable ones wait for replicas (``WAIT``) and
+        go with the ack loop, as do touches and dead letters. Settle what was taken with
+        :meth:`riders_landed` once their replies are read, or :meth:`riders_back` if the read
+        failed before that (they are sent again: ``XACK`` is idempotent). Each reader (one per
+        node) takes its own streams' acks."""
+        if self.wait is not None or not self.acks:
+            return None
+        mine = {key: self.acks.pop(key) for key in [k for k in self.acks if k in keys]}
+        if not mine:
+            return None
+        self.riding.append(mine)
+        self.riding_n += sum(map(len, mine.values()))
+        return mine
+
+    def rider_commands(self, mine: dict[str, list[str]]) -> list[bytes]:
+        return [self._xack(key, ids) for key, ids in mine.items()]
+
+    def _unride(self, mine: dict[str, list[str]]) -> bool:
+        for i, batch in enumerate(self.riding):
+            if batch is mine:
+                del self.riding[i]
+                self.riding_n -= sum(map(len, mine.values()))
+                return True
+        return False  # settled already
+
+    def riders_landed(self, mine: dict[str, list[str]], replies: list[Any]) -> None:
+        """The replies of the riding ``XACK`` commands (in :meth:`rider_commands`' order)."""
+        if not self._unride(mine):
+            return
+        failed = False
+        for (key, ids), reply in zip(mine.items(), replies, strict=True):
+            if isinstance(reply, BaseException):
+                # NOGROUP, a moved slot...: the ack loop sends them again and reports the error
+                # its own way (a missing group, a refreshed slot map)
+                self.acks.setdefault(key, []).extend(ids)
+                failed = True
+            else:
+                self.per_channel[self.by_key[key].channel][0] += len(ids)
+        if failed:
+            self.kick()
+        elif self.idle():
+            self.flushed.set()
+
+    def riders_back(self, mine: dict[str, list[str]]) -> None:
+        """The read failed before its riders' replies were read: queue them again."""
+        if not self._unride(mine):
+            return
+        for key, ids in mine.items():
+            self.acks.setdefault(key, []).extend(ids)
+        self.kick()
 
     # -- sending ------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ values, as in a pipeline.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis.exceptions as rex
@@ -96,7 +96,13 @@ class Wire:
         await self.pool.disconnect()
 
     async def execute(
-        self, payload: bytes, replies: int, *, wait: float = 0.0, limit: float | None = None
+        self,
+        payload: bytes,
+        replies: int,
+        *,
+        wait: float = 0.0,
+        limit: float | None = None,
+        early: tuple[int, Callable[[list[Any]], None]] | None = None,
     ) -> list[Any]:
         """Send ``payload`` (``replies`` commands) on one connection and read the replies.
 
@@ -106,6 +112,9 @@ class Wire:
         when the call is cancelled. One deadline covers connecting (and its handshake), sending
         and reading: ``wait`` is how long the server may legitimately hold the reply (a
         ``BLOCK``); the timeout (``limit``, default the wire's) comes on top.
+
+        ``early=(n, seen)`` calls ``seen`` with the first ``n`` replies as soon as they are read
+        (commands sent ahead of a blocking one: their outcome is known before it returns).
 
         :raises ClosedError: after :meth:`aclose`.
         """
@@ -126,7 +135,9 @@ class Wire:
                     await conn.disconnect(nowait=True)
                     await conn.connect()
                 await conn.send_packed_command(payload)
-                for _ in range(replies):
+                for i in range(replies):
+                    if early is not None and i == early[0]:
+                        early[1](out)
                     try:
                         out.append(await conn.read_response())
                     except rex.ResponseError as exc:

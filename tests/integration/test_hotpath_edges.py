@@ -326,3 +326,78 @@ async def test_single_pipeline_keeps_the_order_of_concurrent_publishes(
         assert [e[0].decode() for e in entries] == ids
         assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
         assert b.publisher.statistics().published == 300
+
+
+# -- acks riding ahead of the next read ------------------------------------------------------
+
+
+async def test_acks_ride_with_the_next_read_and_flush_does_not_wait_for_it(
+    client: broker.Broker, name: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message at a time: each ack leaves ahead of the next blocking XREADGROUP, on its
+    connection (one write and one round trip less per message). The ack is settled when its
+    reply is read, not when the read returns: ``flush()`` must not wait out the BLOCK."""
+    from broker._settle import Settler
+
+    landed: list[int] = []
+    real = Settler.riders_landed
+
+    def counting(self: Settler, mine: dict[str, list[str]], replies: list[object]) -> None:
+        landed.append(len(replies))
+        real(self, mine, replies)
+
+    monkeypatch.setattr(Settler, "riders_landed", counting)
+    ch = client.channel(name)
+    sent = await ch.publish_many(range(20))
+    got = []
+    async with ch.subscribe(group="g", start="all", block=30.0, prefetch=1) as messages:
+        async with asyncio.timeout(15):
+            async for msg in messages:
+                got.append(msg.id)
+                msg.ack()
+                if len(got) == len(sent):
+                    break
+        # the last ack rides with a read that blocks for 30 s: flush returns at once
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(messages.flush(), 5)
+        assert asyncio.get_running_loop().time() - t0 < 5
+        assert messages.statistics().pending_acks == 0
+        assert (await raw.xpending(ch.key, "g"))["pending"] == 0
+    assert got == sent
+    assert len(landed) >= len(sent) // 2, f"acks rode with {len(landed)} reads of {len(sent)}"
+
+
+async def test_acks_of_a_read_lost_before_their_replies_are_sent_again(
+    client: broker.Broker, name: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection of a read carrying acks is lost before any reply: the acks go back to
+    the queue and are sent again (XACK is idempotent); nothing is left pending and nothing is
+    delivered twice."""
+    import redis.exceptions as rex
+
+    from broker._wire import Wire
+
+    real = Wire.execute
+    lost: list[bytes] = []
+
+    async def losing(self: Wire, payload: bytes, replies: int, **kw: object) -> list[object]:
+        if not lost and payload.startswith(b"*") and b"XACK" in payload[:20] and replies > 1:
+            lost.append(payload)
+            raise rex.ConnectionError("connection lost (simulated) before the replies")
+        return await real(self, payload, replies, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Wire, "execute", losing)
+    ch = client.channel(name)
+    sent = await ch.publish_many(range(10))
+    got = []
+    async with ch.subscribe(group="g", start="all", block=1.0, prefetch=1) as messages:
+        async with asyncio.timeout(20):
+            async for msg in messages:
+                got.append(msg.id)
+                msg.ack()
+                if len(got) == len(sent):
+                    break
+        await asyncio.wait_for(messages.flush(), 10)
+        assert (await raw.xpending(ch.key, "g"))["pending"] == 0
+    assert lost, "no read carried acks"
+    assert sorted(got) == sorted(sent) and len(got) == len(set(got))

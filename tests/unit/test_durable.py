@@ -118,3 +118,42 @@ def test_host_lists_with_ipv6_parse_where_urlsplit_refuses_them(
     assert e.node_url == "redis://app:pw@h1:26379/0?protocol=3"
     c = parse_endpoint("redis+cluster://[::1]:7000,[::1]:7001")
     assert (c.kind, c.hosts) == ("cluster", [("::1", 7000), ("::1", 7001)])
+
+
+def test_acks_ride_ahead_of_a_read_only_when_plain() -> None:
+    """Plain acks ride ahead of a reader's blocking read; durable ones (``WAIT``) go with the
+    ack loop. Riders that landed are counted; failed ones and those of a lost read are queued
+    again for the ack loop. Each reader (one per node of a cluster) settles its own riders."""
+    from broker._codec import get_codec
+    from broker._settle import GroupCalls, Settler
+    from broker._stream import Stream
+
+    codec = get_codec("msgpack")
+    streams = [Stream(c, f"ns:{{{c}}}", f"ns:{{{c}}}:dead", codec, 1 << 20) for c in "ab"]
+    calls = GroupCalls(None, "g", streams)  # type: ignore[arg-type]
+    durable = Settler(None, calls, "c", streams, 100, WaitFor(1, 0.1))  # type: ignore[arg-type]
+    durable.acks["ns:{a}"] = ["1-0"]
+    assert durable.take_riders(frozenset({"ns:{a}"})) is None
+    assert durable.acks == {"ns:{a}": ["1-0"]}
+
+    s = Settler(None, calls, "c", streams, 100)  # type: ignore[arg-type]
+    s.acks = {"ns:{a}": ["1-0", "2-0"], "ns:{b}": ["3-0"]}
+    a = s.take_riders(frozenset({"ns:{a}"}))  # only this reader's streams
+    assert a is not None and s.rider_commands(a) == [pack(b"XACK", "ns:{a}", "g", "1-0", "2-0")]
+    assert s.acks == {"ns:{b}": ["3-0"]} and s.riding_n == 2 and not s.idle()
+    assert ("ns:{a}", "1-0") in s.held()  # a replay skips what is being acked
+    b = s.take_riders(frozenset({"ns:{b}"}))  # another node's reader, at the same time
+    assert b == {"ns:{b}": ["3-0"]} and s.riding_n == 3
+    s.riders_back(b)  # b's read was lost before the replies: queued again, the loop woken
+    assert s.acks == {"ns:{b}": ["3-0"]} and s.riding_n == 2 and s.wake.is_set()
+    s.riders_landed(a, [2])
+    assert s.riding_n == 0 and s.per_channel["a"][0] == 2
+    s.riders_back(a)  # settled already: nothing queued again
+    assert s.acks == {"ns:{b}": ["3-0"]}
+
+    b = s.take_riders(frozenset({"ns:{b}"}))
+    assert b is not None
+    s.wake.clear()
+    s.kicked = False
+    s.riders_landed(b, [rex.ResponseError("NOGROUP No such key")])
+    assert s.acks == {"ns:{b}": ["3-0"]} and s.wake.is_set() and s.per_channel["b"][0] == 0
