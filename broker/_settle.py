@@ -136,6 +136,9 @@ class Settler:
         #: acks riding ahead of a reader's blocking read (see :meth:`take_riders`), and how many
         self.riding: list[dict[str, list[str]]] = []
         self.riding_n = 0
+        #: the subscription's room event (given to :meth:`loop`): set when acks land, as
+        #: unsent acks count against the room
+        self.room: asyncio.Event | None = None
         #: recently reported trimmed entries (bounded), so each is reported once
         self.trimmed_seen: dict[tuple[str, str], None] = {}
         self.dead_lettered = 0
@@ -246,18 +249,24 @@ class Settler:
         return False  # settled already
 
     def riders_landed(self, mine: dict[str, list[str]], replies: list[Any]) -> None:
-        """The replies of the riding ``XACK`` commands (in :meth:`rider_commands`' order)."""
+        """The replies of the riding ``XACK`` commands (in :meth:`rider_commands`' order).
+        Raises nothing (it runs inside the wire's exchange)."""
         if not self._unride(mine):
             return
-        failed = False
-        for (key, ids), reply in zip(mine.items(), replies, strict=True):
-            if isinstance(reply, BaseException):
+        failed = len(replies) != len(mine)  # cannot happen: then all go again
+        for i, (key, ids) in enumerate(mine.items()):
+            reply = replies[i] if i < len(replies) else None
+            if failed or isinstance(reply, BaseException):
                 # NOGROUP, a moved slot...: the ack loop sends them again and reports the error
                 # its own way (a missing group, a refreshed slot map)
                 self.acks.setdefault(key, []).extend(ids)
                 failed = True
             else:
-                self.per_channel[self.by_key[key].channel][0] += len(ids)
+                stream = self.by_key.get(key)
+                if stream is not None:
+                    self.per_channel[stream.channel][0] += len(ids)
+        if self.room is not None:
+            self.room.set()  # they no longer count against the room: a parked reader may read
         if failed:
             self.kick()
         elif self.idle():
@@ -275,6 +284,7 @@ class Settler:
 
     async def loop(self, room: asyncio.Event) -> None:
         """The ack loop: send what was queued, each time something was."""
+        self.room = room
         while True:
             await self.wake.wait()
             self.wake.clear()

@@ -114,7 +114,8 @@ class Wire:
         ``BLOCK``); the timeout (``limit``, default the wire's) comes on top.
 
         ``early=(n, seen)`` calls ``seen`` with the first ``n`` replies as soon as they are read
-        (commands sent ahead of a blocking one: their outcome is known before it returns).
+        (commands sent ahead of a blocking one: their outcome is known before it returns);
+        ``seen`` must not raise.
 
         :raises ClosedError: after :meth:`aclose`.
         """

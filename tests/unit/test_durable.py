@@ -3,6 +3,8 @@ WAIT turns into, which replies mean "reconnect", and Sentinel URLs."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.exceptions as rex
 
@@ -146,8 +148,10 @@ def test_acks_ride_ahead_of_a_read_only_when_plain() -> None:
     assert b == {"ns:{b}": ["3-0"]} and s.riding_n == 3
     s.riders_back(b)  # b's read was lost before the replies: queued again, the loop woken
     assert s.acks == {"ns:{b}": ["3-0"]} and s.riding_n == 2 and s.wake.is_set()
+    s.room = asyncio.Event()  # the subscription's (given to the ack loop)
     s.riders_landed(a, [2])
     assert s.riding_n == 0 and s.per_channel["a"][0] == 2
+    assert s.room.is_set(), "acks that landed no longer count against the room: wake readers"
     s.riders_back(a)  # settled already: nothing queued again
     assert s.acks == {"ns:{b}": ["3-0"]}
 
