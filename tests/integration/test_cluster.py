@@ -181,3 +181,49 @@ async def test_drained_readers_never_wait_on_each_other(client: broker.Broker, n
                     if len(got) == len(sent):
                         break
         compare_ids(sent, got)
+
+
+async def test_requests_are_answered_while_the_reply_inbox_moves(
+    cluster: EmbeddedCluster, client: broker.Broker, name: str
+) -> None:
+    """The requester's inbox (``<ns>:{reply~hex}``) moves to another primary while requests
+    are in flight: its reader follows the slot, answers written on the new node are read, and
+    every request gets its own answer (none times out)."""
+    from tests.integration.test_request import responding
+
+    async def echo(msg: broker.Message[int]) -> int:
+        return msg.data * 10
+
+    ch = client.channel(name)
+    async with responding(client, name, echo):
+        assert await ch.request(0, timeout=10) == 0  # the inbox exists now
+        inbox = client.request_statistics().inbox
+        assert inbox is not None
+        slot = slot_of(inbox)
+        source = cluster.node_of_slot(slot)
+        target = next(n for n in cluster.primaries() if n is not source)
+        moved: dict[str, int] = {}
+        answers: list[int] = []
+
+        async def requests() -> None:
+            for i in range(1, 301):
+                answers.append(await ch.request(i, timeout=10))
+                if i % 20 == 0:
+                    await asyncio.sleep(0.01)
+
+        async def migrate() -> None:
+            while len(answers) < 50:
+                await asyncio.sleep(0.005)
+            moved["before"] = len(answers)
+            moved["keys"] = await asyncio.to_thread(cluster.migrate_slot, slot, target)
+            moved["after"] = len(answers)
+
+        async with asyncio.timeout(90):
+            await asyncio.gather(requests(), migrate())
+    print(f"\nreply inbox moved after {moved['before']} answers; {moved['after']} when done")
+    assert moved["keys"] >= 1, "the inbox really moved"
+    assert moved["after"] < 300, "requests were still being made when the inbox had moved"
+    assert cluster.node_of_slot(slot) is target
+    assert answers == [i * 10 for i in range(1, 301)]
+    stats = client.request_statistics()
+    assert (stats.timed_out, stats.waiting) == (0, 0) and stats.inbox == inbox
