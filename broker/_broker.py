@@ -23,10 +23,8 @@ from ._retry import retrying
 from ._server import MIN_REDIS
 from ._settings import Settings
 from ._topology import Topology
+from ._watch import WatchTotals
 from ._wire import Wire
-
-#: the fields of WatchTotals, counted by the broker
-WATCH_COUNTS = ("sets", "deletes", "conflicts", "readers", "yielded", "rereads")
 
 if TYPE_CHECKING:
     from ._channel import Channel
@@ -36,7 +34,7 @@ if TYPE_CHECKING:
     from ._stop import RemoteStopSource, RemoteStopToken, StopHub, StopToken
     from ._subscription import Subscription
     from ._tail import Tail
-    from ._watch import Watch, WatchTotals
+    from ._watch import Watch
 
 __all__ = ["Broker", "connect"]
 
@@ -83,7 +81,7 @@ class Broker(AsyncResource):
         self._pubsub: Hub | None = None
         self._inbox: Inbox | None = None
         #: what this broker's watched values did (see :meth:`watch_statistics`)
-        self._watch_counts: dict[str, int] = dict.fromkeys(WATCH_COUNTS, 0)
+        self._watch_counts: dict[str, int] = WatchTotals.counters()
         self._clock_offset_ms = 0
         self.bells: Bells | None = None
         #: partition counts of channels, as recorded on the server (they never change)
@@ -328,8 +326,6 @@ class Broker(AsyncResource):
     def watch_statistics(self) -> WatchTotals:
         """Watched values of this broker: sets, deletes, compare-and-set conflicts, readers
         open now, values they yielded and their re-reads of the server."""
-        from ._watch import WatchTotals
-
         return WatchTotals(**self._watch_counts)
 
     def _stop_hub(self) -> StopHub:

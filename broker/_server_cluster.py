@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from ._server import EmbeddedServer, _free_port
+from ._wire import pack
 
 __all__ = ["EmbeddedCluster"]
 
@@ -203,23 +204,18 @@ def _info(port: int, section: str) -> dict[str, str]:
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
-def _call(port: int, *args: object, password: str | None = None) -> Any:
+def _call(port: int, *args: bytes | str | int, password: str | None = None) -> Any:
     """One command over a plain socket (RESP2), for setting the cluster up and inspecting it
     (``password``: ``AUTH`` first, for a server or sentinel started with ``requirepass``)."""
-    payload = _command(*args)
+    payload = pack(*args)
     if password is not None:
-        payload = _command("AUTH", password) + payload
+        payload = pack("AUTH", password) + payload
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(payload)
         reader = s.makefile("rb")
         if password is not None:
             _read(reader)  # +OK (a wrong password raises)
         return _read(reader)
-
-
-def _command(*args: object) -> bytes:
-    parts = [str(a).encode() if not isinstance(a, bytes) else a for a in args]
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts)
 
 
 def _read(f: Any) -> Any:

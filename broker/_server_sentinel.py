@@ -261,7 +261,7 @@ class EmbeddedSentinel:
             _check_time(deadline, f"every sentinel to name port {port} (they name {named})")
             time.sleep(0.05)
 
-    def _ask(self, sentinel: EmbeddedServer, *args: object) -> Any:
+    def _ask(self, sentinel: EmbeddedServer, *args: bytes | str | int) -> Any:
         return _call(sentinel.port, "SENTINEL", *args, password=self.sentinel_password)
 
     # -- faults -------------------------------------------------------------------------------

@@ -103,6 +103,11 @@ class WatchTotals:
     yielded: int
     rereads: int
 
+    @classmethod
+    def counters(cls) -> dict[str, int]:
+        """Zeroed counts, one per field (what a broker increments)."""
+        return dict.fromkeys((f.name for f in dataclasses.fields(cls)), 0)
+
 
 def _check_version(if_version: int | None) -> None:
     if if_version is None:
