@@ -314,6 +314,21 @@ class Stack:
         rows = self.redis.xpending_range(KEY, GROUP, "-", "+", 100_000, consumername=consumer)
         return {r["message_id"].decode() for r in rows}
 
+    def held_by(self, consumer: str, settle: float = 1.0) -> set[str]:
+        """Everything pending on ``consumer``, a replica that just stopped acking (frozen,
+        cut off or killed), from now until ``settle`` s later (well under the claim time).
+
+        One snapshot is not enough: a read it had blocked in the server before it stopped is
+        still served to it when the next entry arrives, and that batch is held as well.
+        """
+        held: set[str] = set()
+        end = time.monotonic() + settle
+        while True:
+            held |= self.pending_of(consumer)
+            if time.monotonic() >= end:
+                return held
+            time.sleep(0.05)
+
     def stream_ids(self, after: str = "-") -> list[str]:
         """Ids in the stream (after ``after``, exclusive, when given)."""
         start = "-" if after == "-" else f"({after}"

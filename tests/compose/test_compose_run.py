@@ -164,7 +164,7 @@ def test_a_killed_replica_holding_messages_loses_nothing(stack: Stack) -> None:
     stack.wait_for_pending(victim.consumer, 4)
     docker("kill", victim.id)
     t_kill = time.time()
-    held = stack.pending_of(victim.consumer)  # what it held when it died: nobody claims so soon
+    held = stack.held_by(victim.consumer)  # what it held when it died: nobody claims so soon
     assert held, f"{victim.hostname} held nothing at the kill: the test would prove nothing"
     wait(lambda: len(_takeover(stack, held, victim.hostname, t_kill)) == len(held), 60,
          f"the {len(held)} messages of the killed replica handled by the others")  # fmt: skip
@@ -197,7 +197,7 @@ def test_a_paused_replica_loses_nothing_and_its_duplicates_are_counted(stack: St
     docker("pause", victim.id)
     t_pause = time.time()
     try:
-        held = stack.pending_of(victim.consumer)
+        held = stack.held_by(victim.consumer)
         assert held, f"{victim.hostname} held nothing when paused: the test would prove nothing"
         # paused at least twice the claim time, and until the others have taken everything
         time.sleep(2 * CLAIM_IDLE)
@@ -244,7 +244,7 @@ def test_a_replica_cut_off_from_the_network_loses_nothing_and_resumes(stack: Sta
     t_cut = time.time()
     try:
         time.sleep(0.2)  # what it sent before the cut has arrived
-        held = stack.pending_of(victim.consumer)
+        held = stack.held_by(victim.consumer)
         assert held, f"{victim.hostname} held nothing when cut off: the test would prove nothing"
         time.sleep(2 * CLAIM_IDLE)
         wait(lambda: len(_takeover(stack, held, victim.hostname, t_cut)) == len(held), 60,
@@ -380,7 +380,7 @@ def test_health_follows_the_worker_slots(stack: Stack) -> None:
     os.kill(supervisor, signal.SIGSTOP)
     try:
         os.kill(slot, signal.SIGKILL)
-        held = stack.pending_of(victim.consumer)
+        held = stack.held_by(victim.consumer)
         assert held, "the killed slot held nothing: the test would prove nothing"
         unhealthy = wait(lambda: health() == "unhealthy", 60, "unhealthy (slot gone)")
         others = [c for c in stack.consumers() if c.id != victim.id]
