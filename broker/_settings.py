@@ -24,6 +24,8 @@ _SCHEMES = (
     "rediss+sentinel",
 )
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-:]{1,64}")
+#: namespace endings whose channel keys would be another namespace's own keys
+_RESERVED_SUFFIXES = {"watch": "watched values'", "stop": "stop records'"}
 
 
 def redact_url(url: str) -> str:
@@ -76,6 +78,14 @@ class Settings:
             raise ConfigurationError(
                 f"namespace must be 1-64 characters of letters, digits, '_', '-', '.', ':', "
                 f"got {self.namespace!r}"
+            )
+        base, _, last = self.namespace.rpartition(":")
+        if base and last in _RESERVED_SUFFIXES:
+            # channel keys are `<namespace>:{<channel>}`: those of `app:watch` would be the
+            # watched values' keys of `app` (`app:watch:{<name>}`), and so for stop records
+            raise ConfigurationError(
+                f"namespace {self.namespace!r} ends in ':{last}': its channels' keys would be "
+                f"the {_RESERVED_SUFFIXES[last]} keys of namespace {base!r}; choose another"
             )
         if self.reconnect_deadline < 0 or self.connect_timeout <= 0:
             raise ConfigurationError("reconnect_deadline must be >= 0 and connect_timeout > 0")

@@ -100,3 +100,14 @@ def test_sentinel_options_elsewhere_are_a_clear_error(url: str, words: str) -> N
     with pytest.raises(ConfigurationError, match=re.escape(words)) as caught:
         Settings(url=url).endpoint  # noqa: B018 - parsing raises
     assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("suffix", ["watch", "stop"])
+def test_a_namespace_whose_channel_keys_would_be_another_namespaces_own_is_refused(
+    suffix: str,
+) -> None:
+    # `app:watch` + channel `x` is `app:watch:{x}`: the key of namespace `app`'s watched value x
+    with pytest.raises(ConfigurationError, match=f"ends in ':{suffix}'.*namespace 'app'"):
+        Settings.from_url("redis://h:1/0", namespace=f"app:{suffix}")
+    for fine in (suffix, f"app:{suffix}s", f"app:{suffix}:x", f"{suffix}:app"):
+        assert Settings.from_url("redis://h:1/0", namespace=fine).namespace == fine
