@@ -382,16 +382,38 @@ class Reader:
                 self._read_tail,
             )
         )
-        self.ledger.read_cancelled = True  # cleared below unless the read is cancelled midway
+        ledger = self.ledger
+        ledger.read_cancelled = True  # cleared below unless the read is cancelled midway
+        taken = False
+
+        def take(replies: list[Any]) -> None:
+            # as soon as the reply is read (in the wire's callback, on hiredis): the messages
+            # reach a waiting consumer before this task resumes, as if it had read them itself
+            nonlocal taken
+            try:
+                items = self._xreadgroup_reply(replies[-1])
+            except Exception:
+                return  # raised below, through the group calls' error boundary
+            taken = True
+            ledger.read_cancelled = False
+            self._drained = sum(len(entries) for _, entries in items) < per_stream
+            for key, entries in items:
+                self._take_new(self.by_key[key], entries)
+
         try:
-            reply = await self.calls.call(lambda: self._xreadgroup(payload, block, limit, riders))
+            reply = await self.calls.call(
+                lambda: self._xreadgroup(payload, block, limit, riders, take)
+            )
         finally:
             if riders is not None:
                 settler.riders_back(riders)  # unless their replies were read
-        self.ledger.read_cancelled = False
+        if taken:
+            ledger.woken = False  # whom it woke has run already
+            return
+        ledger.read_cancelled = False
         self._drained = sum(len(entries) for _, entries in reply) < per_stream
         for key, entries in reply:
-            await self._ingest(self.by_key[key], entries, counted=False)
+            self._take_new(self.by_key[key], entries)
 
     async def _wait_rung(self, seconds: float) -> None:
         """Wait for a bell (or ``seconds``, when a poll or a claim is due)."""
@@ -467,19 +489,23 @@ class Reader:
         wait: float,
         limit: float | None,
         riders: dict[str, list[str]] | None = None,
+        done: Callable[[list[Any]], None] | None = None,
     ) -> list[tuple[bytes, list[Any]]]:
         """``XREADGROUP`` as the server sends it: ``[(key, [[id, [field, value, ...]]])]``
         (fields ``None`` for an entry deleted while pending); RESP2 or RESP3. ``riders``: the
-        acks whose ``XACK`` commands go ahead of it, settled as soon as their replies are read."""
+        acks whose ``XACK`` commands go ahead of it, settled as soon as their replies are read;
+        ``done``: see :meth:`Wire.execute`."""
         if riders is None:
-            (reply,) = await self.wire.execute(payload, 1, wait=wait, limit=limit)
+            (reply,) = await self.wire.execute(payload, 1, wait=wait, limit=limit, done=done)
             return self._xreadgroup_reply(reply)
         n = len(riders)
 
         def landed(replies: list[Any]) -> None:
             self.settler.riders_landed(riders, replies)
 
-        out = await self.wire.execute(payload, n + 1, wait=wait, limit=limit, early=(n, landed))
+        out = await self.wire.execute(
+            payload, n + 1, wait=wait, limit=limit, early=(n, landed), done=done
+        )
         return self._xreadgroup_reply(out[-1])
 
     def _xreadgroup_reply(self, reply: Any) -> list[tuple[bytes, list[Any]]]:
@@ -510,21 +536,11 @@ class Reader:
         ``entries`` are ``(id, fields)`` with fields a dict, a flat ``[field, value, ...]`` list
         as the server sends it, or empty/None for an entry deleted while pending.
         """
+        if not counted:
+            self._take_new(stream, entries)
+            return
         ledger = self.ledger
         owner = ledger.owner
-        if not counted:  # new entries: delivered for the first time, never held
-            buffer, before = ledger.buffer, len(ledger.buffer)
-            bad = decode_new(stream, entries, owner, buffer)
-            for msg in bad:
-                self._settle_bad(stream, msg)
-            ledger.buffered_total += len(buffer) - before
-            ledger.per_channel[stream.channel][0] += len(buffer) - before
-            if bad:
-                self.settler.kick()
-                ledger.make_room()
-            if buffer:
-                ledger.wake(1)  # it wakes the next if it leaves some (see wait_readable)
-            return
         held = ledger.held()
         counts: dict[str, int] = {}
         if entries:
@@ -554,6 +570,22 @@ class Reader:
         ledger.make_room()
         if ledger.buffer:
             ledger.wake(1)
+
+    def _take_new(self, stream: Stream, entries: list[Any]) -> None:
+        """New entries (delivered for the first time, never held) into the buffer; a waiting
+        consumer is woken. Synchronous: it may run in the wire's reply callback."""
+        ledger = self.ledger
+        buffer, before = ledger.buffer, len(ledger.buffer)
+        bad = decode_new(stream, entries, ledger.owner, buffer)
+        for msg in bad:
+            self._settle_bad(stream, msg)
+        ledger.buffered_total += len(buffer) - before
+        ledger.per_channel[stream.channel][0] += len(buffer) - before
+        if bad:
+            self.settler.kick()
+            ledger.make_room()
+        if buffer:
+            ledger.wake(1)  # it wakes the next if it leaves some (see wait_readable)
 
     def _settle_bad(self, stream: Stream, msg: Any) -> None:
         """A new entry that cannot be handed out: trimmed already, or undecodable."""

@@ -103,6 +103,7 @@ class Wire:
         wait: float = 0.0,
         limit: float | None = None,
         early: tuple[int, Callable[[list[Any]], None]] | None = None,
+        done: Callable[[list[Any]], None] | None = None,
     ) -> list[Any]:
         """Send ``payload`` (``replies`` commands) on one connection and read the replies.
 
@@ -115,7 +116,10 @@ class Wire:
 
         ``early=(n, seen)`` calls ``seen`` with the first ``n`` replies as soon as they are read
         (commands sent ahead of a blocking one: their outcome is known before it returns);
-        ``seen`` must not raise.
+        ``seen`` must not raise. On a hiredis connection the replies are parsed in the transport's
+        callback as they arrive (see :class:`_Replies`); there ``done`` is called with all of
+        them, before the caller resumes (what it wakes runs first). Elsewhere it is not called.
+        It must not raise or block.
 
         :raises ClosedError: after :meth:`aclose`.
         """
@@ -135,6 +139,19 @@ class Wire:
                     # too, but not on RESP3 connections, where it awaits push notifications)
                     await conn.disconnect(nowait=True)
                     await conn.connect()
+                replies_of = _Replies.of(conn)
+                if replies_of is not None:
+                    # parsed as the bytes arrive, without a task step per reply; a health
+                    # check (health_check_interval) reads its own reply first
+                    await conn.check_health()
+                    got = replies_of.expect(replies, early, done)
+                    try:
+                        await conn.send_packed_command(payload, check_health=False)
+                        out = await got
+                    finally:
+                        replies_of.detach()
+                    complete = not replies_of.dirty
+                    return out
                 await conn.send_packed_command(payload)
                 for i in range(replies):
                     if early is not None and i == early[0]:
@@ -160,3 +177,160 @@ class Wire:
                 if not complete:  # unread replies would reach the next user of this connection
                     await conn.disconnect(nowait=True)
                 await pool.release(conn)
+
+
+_MORE = object()  # hiredis: "not enough data yet"
+
+
+class _Replies:
+    """Replies read on a connection's transport callback instead of in the awaiting task.
+
+    redis-py reads a reply in the task that awaits it: the bytes arrive (the transport calls the
+    stream's ``feed_data``), the task is woken, and a few coroutine layers later the parser
+    gives the reply. Here, while an exchange is out, the connection's ``asyncio.StreamReader``
+    hands its bytes straight to a hiredis reader of ours: the replies are parsed the moment they
+    arrive, ``done`` runs there (a subscription hands the new messages to a waiting consumer,
+    which then runs before the reading task, as it would if it had read them itself) and the
+    awaiting task is woken once, with every reply. Used on connections with redis-py's hiredis
+    parser (the ``redis[hiredis]`` dependency); others take the reply-by-reply path.
+    """
+
+    __slots__ = ("_done", "_early", "_future", "_n", "_out", "_push", "_reader", "_stream", "dirty")
+
+    @classmethod
+    def of(cls, conn: Any) -> _Replies | None:
+        """The fast reader of ``conn`` (made on its first use, and again after a reconnect)."""
+        stream = getattr(conn, "_reader", None)
+        mine = getattr(conn, "_broker_replies", None)
+        if mine is not None and mine._stream is stream:
+            return mine if not mine.dirty else None
+        if type(getattr(conn, "_parser", None)).__name__ != "_AsyncHiredisParser":
+            return None
+        if not isinstance(stream, asyncio.StreamReader):
+            return None
+        try:
+            import hiredis
+
+            encoder = conn.encoder
+            kwargs: dict[str, Any] = {
+                "protocolError": rex.InvalidResponse,
+                "replyError": conn._parser.parse_error,
+                "notEnoughData": _MORE,
+            }
+            if encoder.decode_responses:
+                kwargs["encoding"] = encoder.encoding
+                kwargs["errors"] = encoder.encoding_errors
+            reader = hiredis.Reader(**kwargs)
+        except Exception:  # an older hiredis or redis-py than this was written for
+            return None
+        if not hasattr(reader, "has_data"):
+            return None
+        mine = cls(reader, stream, getattr(hiredis, "PushNotification", None))
+        conn._broker_replies = mine
+        return mine
+
+    def __init__(self, reader: Any, stream: asyncio.StreamReader, push: type | None) -> None:
+        self._reader = reader
+        self._push = push
+        self._stream = stream
+        self._future: asyncio.Future[list[Any]] | None = None
+        self._n = 0
+        self._out: list[Any] = []
+        self._early: tuple[int, Callable[[list[Any]], None]] | None = None
+        self._done: Callable[[list[Any]], None] | None = None
+        #: bytes were left after the replies (or the parse failed): the connection is not reused
+        self.dirty = False
+
+    def expect(
+        self,
+        n: int,
+        early: tuple[int, Callable[[list[Any]], None]] | None,
+        done: Callable[[list[Any]], None] | None,
+    ) -> asyncio.Future[list[Any]]:
+        """Take the stream's bytes until ``n`` replies are read (call before sending)."""
+        self._future = future = asyncio.get_running_loop().create_future()
+        self._n, self._out, self._early, self._done = n, [], early, done
+        if early is not None and early[0] == 0:
+            early[1](self._out)
+        # instance attributes shadow the StreamReader's methods (which its protocol calls)
+        # until detach()
+        stream: Any = self._stream
+        stream.feed_data, stream.feed_eof, stream.set_exception = self._feed, self._eof, self._lost
+        if n == 0:
+            self._finish()
+        return future
+
+    def detach(self) -> None:
+        """Give the stream its own methods back (the exchange is over, or abandoned)."""
+        stream = self._stream
+        for name in ("feed_data", "feed_eof", "set_exception"):
+            stream.__dict__.pop(name, None)
+        self._future = None
+        self._done = self._early = None
+
+    def _feed(self, data: bytes) -> None:
+        future = self._future
+        if future is None or future.done():  # bytes after the replies: nobody asked for them
+            self.dirty = True
+            return
+        reader = self._reader
+        out = self._out
+        try:
+            reader.feed(data)
+            while len(out) < self._n:
+                reply = reader.gets()
+                if reply is _MORE:
+                    return
+                if self._push is not None and isinstance(reply, self._push):
+                    continue  # a RESP3 push, not a reply (redis-py's parser skips them too)
+                if isinstance(reply, rex.ConnectionError) or (
+                    isinstance(reply, list) and reply and isinstance(reply[0], rex.ConnectionError)
+                ):
+                    raise reply if isinstance(reply, rex.ConnectionError) else reply[0]
+                out.append(reply)
+                early = self._early
+                if early is not None and len(out) == early[0]:
+                    early[1](out)
+        except (rex.RedisError, OSError) as exc:
+            self.dirty = True
+            future.set_exception(exc)
+            return
+        except Exception as exc:  # bytes no Redis sends: a parser's own error
+            self.dirty = True
+            future.set_exception(
+                rex.InvalidResponse(
+                    f"unreadable reply from the server ({type(exc).__name__}: {exc})"
+                )
+            )
+            return
+        if reader.has_data():
+            self.dirty = True  # bytes after the last reply: never read as the next exchange's
+        self._finish()
+
+    def _finish(self) -> None:
+        done, future, out = self._done, self._future, self._out
+        self.detach()
+        try:
+            if done is not None:
+                done(out)
+        except Exception as exc:  # a bug in done: raised in the awaiting task, not lost here
+            if future is not None and not future.done():
+                future.set_exception(exc)
+            return
+        if future is not None and not future.done():
+            future.set_result(out)
+
+    def _eof(self) -> None:
+        self._fail(rex.ConnectionError("Connection closed by server."))
+        self._stream.feed_eof()  # its own: the connection's next user sees it closed
+
+    def _lost(self, exc: Exception) -> None:
+        self._fail(rex.ConnectionError(f"Error while reading from the server: {exc!r}"))
+        self._stream.set_exception(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.dirty = True
+        future = self._future
+        self.detach()
+        if future is not None and not future.done():
+            future.set_exception(exc)

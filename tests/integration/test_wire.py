@@ -114,6 +114,94 @@ async def test_cancelled_mid_reply_leaves_no_unread_replies(raw: Any, redis_url:
         await client.aclose()
 
 
+def _shadowed(wire: Wire) -> list[str]:
+    """StreamReader methods still shadowed by a fast exchange on any pooled connection."""
+    conns = [*wire.pool._available_connections, *wire.pool._in_use_connections]
+    names = ("feed_data", "feed_eof", "set_exception")
+    return [n for c in conns if c._reader is not None for n in names if n in c._reader.__dict__]
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_replies_are_parsed_as_they_arrive_and_the_stream_is_given_back(
+    redis_url: str, protocol: int
+) -> None:
+    """On hiredis the replies are parsed in the transport's callback: ``done`` runs there (no
+    task), after ``early``, before the caller resumes; the stream gets its methods back after
+    every exchange, whether it ended well, with a server error, a cancel or a killed link."""
+    url = f"{redis_url}{'&' if '?' in redis_url else '?'}protocol={protocol}"
+    client = aioredis.Redis.from_url(url)
+    wire = Wire.like(client, timeout=5)
+    killer = aioredis.Redis.from_url(redis_url)
+    try:
+        calls: list[tuple[str, list[Any], asyncio.Task[Any] | None]] = []
+        replies = await wire.execute(
+            pack(b"ECHO", b"a") + pack(b"NOSUCHCMD") + pack(b"ECHO", b"b"),
+            3,
+            early=(1, lambda out: calls.append(("early", list(out), asyncio.current_task()))),
+            done=lambda out: calls.append(("done", list(out), asyncio.current_task())),
+        )
+        assert replies[0] == b"a" and replies[2] == b"b"
+        assert isinstance(replies[1], rex.ResponseError)
+        assert [(k, o[0], t) for k, o, t in calls] == [("early", b"a", None), ("done", b"a", None)]
+        assert calls[1][1] == replies
+        assert _shadowed(wire) == []
+
+        # cancelled while the server holds the reply: given back, the connection discarded
+        blocked = asyncio.create_task(wire.execute(pack(b"BLPOP", "wire-fast-never", 5), 1, wait=5))
+        await asyncio.sleep(0.1)
+        blocked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
+        assert _shadowed(wire) == []
+        assert await wire.execute(pack(b"ECHO", b"mine"), 1) == [b"mine"]
+
+        # the server closes the link mid-exchange: a ConnectionError, then a fresh connection
+        blocked = asyncio.create_task(wire.execute(pack(b"BLPOP", "wire-fast-never", 5), 1, wait=5))
+        await asyncio.sleep(0.1)
+        held = [c["id"] for c in await killer.client_list() if c.get("cmd") == "blpop"]
+        assert len(held) == 1, held
+        await killer.client_kill_filter(_id=held[0])
+        with pytest.raises(rex.ConnectionError):
+            await asyncio.wait_for(blocked, 10)
+        assert _shadowed(wire) == []
+        assert await wire.execute(pack(b"ECHO", b"again"), 1) == [b"again"]
+    finally:
+        await wire.aclose()
+        await client.aclose()
+        await killer.aclose()
+
+
+async def test_a_health_check_due_before_an_exchange_reads_its_own_reply(redis_url: str) -> None:
+    """``health_check_interval`` (a URL option): redis-py PINGs a connection idle that long
+    before it sends; that PONG must not be taken for the exchange's reply."""
+    client = aioredis.Redis.from_url(redis_url, health_check_interval=0.01)
+    wire = Wire.like(client, timeout=5)
+    try:
+        for i in range(5):
+            await asyncio.sleep(0.03)  # idle longer than the interval: a check is due
+            word = b"w%d" % i
+            assert await wire.execute(pack(b"ECHO", word), 1) == [word]
+    finally:
+        await wire.aclose()
+        await client.aclose()
+
+
+async def test_without_hiredis_replies_are_read_by_the_task_and_done_is_not_called(
+    redis_url: str,
+) -> None:
+    from redis._parsers import _AsyncRESP2Parser
+
+    client = aioredis.Redis.from_url(redis_url, parser_class=_AsyncRESP2Parser)
+    wire = Wire.like(client, timeout=5)
+    try:
+        done: list[Any] = []
+        assert await wire.execute(pack(b"ECHO", b"a"), 1, done=done.append) == [b"a"]
+        assert done == []
+    finally:
+        await wire.aclose()
+        await client.aclose()
+
+
 @pytest.mark.parametrize("limit", [1, 3])
 async def test_publish_pipelines_in_flight_are_bounded(
     redis_url: str, namespace: str, limit: int, monkeypatch: pytest.MonkeyPatch
