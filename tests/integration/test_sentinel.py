@@ -47,7 +47,7 @@ def heal(s: EmbeddedSentinel) -> None:
         if node.process is None:
             new = s.wait_master(node.port, 45)
             s.wait_agreed(new.port, 45)
-            node.start()
+            s.rejoin(node, 45)
     s.wait_ready(45)
 
 
@@ -281,9 +281,10 @@ async def recover(sentinel: EmbeddedSentinel, old_port: int, t0: float) -> tuple
     if old.process is None:
         # restarted empty: only once no sentinel can take it for the master any more (see
         # EmbeddedSentinel.wait_agreed: else the promoted node may be made its replica and
-        # wiped, which once lost a stop record and every durable publish in CI)
+        # wiped, which once lost a stop record and every durable publish in CI), and not
+        # promotable until it has synced (EmbeddedSentinel.rejoin)
         await asyncio.to_thread(sentinel.wait_agreed, new.port, 30)
-        await asyncio.to_thread(old.start)
+        await asyncio.to_thread(sentinel.rejoin, old, 30)
     deadline = time.monotonic() + 40
     while not sentinel.replicas_of(new) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
