@@ -58,6 +58,8 @@ class EmbeddedSentinel:
     :param replicas: replicas of the master.
     :param sentinels: sentinel processes; ``quorum`` of them must agree that the master is down.
     :param down_after: ``down-after-milliseconds``: silence after which a node counts as down.
+        Sentinels ping every second: at 1000 one late reply (a loaded machine) counts a
+        healthy master as down, and a master promoted a moment before was failed over again.
     :param failover_timeout: ``failover-timeout`` in ms (a failed failover is retried after
         twice this).
     :param extra: more arguments for the data nodes (``--user ...``, say).
@@ -72,7 +74,7 @@ class EmbeddedSentinel:
         replicas: int = 1,
         sentinels: int = 3,
         quorum: int = 2,
-        down_after: int = 1000,
+        down_after: int = 2000,
         failover_timeout: int = 3000,
         extra: list[str] | None = None,
         sentinel_password: str | None = None,

@@ -387,7 +387,7 @@ async def test_a_worker_answers_requests(redis_url: str, namespace: str, name: s
 async def test_round_trip_through_sentinel(name: str, namespace: str) -> None:
     from broker._server_sentinel import EmbeddedSentinel
 
-    with EmbeddedSentinel(down_after=1000, failover_timeout=3000) as s:
+    with EmbeddedSentinel(down_after=2000, failover_timeout=3000) as s:
         s.wait_ready(45)
         async with broker.connect(s.url, namespace=namespace) as b:
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def sentinel_set() -> Iterator[EmbeddedSentinel]:
-    with EmbeddedSentinel(down_after=1000, failover_timeout=3000) as s:
+    with EmbeddedSentinel(down_after=2000, failover_timeout=3000) as s:
         yield s
 
 
@@ -486,7 +486,7 @@ async def test_sentinels_with_a_password_of_their_own(name: str, namespace: str)
     authenticates too), and a missing or wrong password is a typed error that says what to do
     and never shows the password."""
     with EmbeddedSentinel(
-        service="guarded", sentinel_password="s3nt-pw", down_after=1000, failover_timeout=3000
+        service="guarded", sentinel_password="s3nt-pw", down_after=2000, failover_timeout=3000
     ) as s:
         assert "sentinel_password=s3nt-pw" in s.url
         bare = s.url.split("?", 1)[0]
