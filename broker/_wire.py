@@ -139,20 +139,23 @@ class Wire:
                     # too, but not on RESP3 connections, where it awaits push notifications)
                     await conn.disconnect(nowait=True)
                     await conn.connect()
+                # a health check due (health_check_interval) reads its own reply first; it
+                # may reconnect, so the stream is looked up after it
+                await conn.check_health()
                 replies_of = _Replies.of(conn)
                 if replies_of is not None:
-                    # parsed as the bytes arrive, without a task step per reply; a health
-                    # check (health_check_interval) reads its own reply first
-                    await conn.check_health()
+                    # parsed as the bytes arrive, without a task step per reply
                     got = replies_of.expect(replies, early, done)
                     try:
                         await conn.send_packed_command(payload, check_health=False)
                         out = await got
                     finally:
                         replies_of.detach()
+                        if got.done() and not got.cancelled():
+                            got.exception()  # retrieved: the send's own error is what raises
                     complete = not replies_of.dirty
                     return out
-                await conn.send_packed_command(payload)
+                await conn.send_packed_command(payload, check_health=False)
                 for i in range(replies):
                     if early is not None and i == early[0]:
                         early[1](out)
