@@ -386,6 +386,12 @@ class Reader:
         ledger.read_cancelled = True  # cleared below unless the read is cancelled midway
         taken = False
 
+        def settle(items: list[tuple[bytes, list[Any]]]) -> None:
+            ledger.read_cancelled = False
+            self._drained = sum(len(entries) for _, entries in items) < per_stream
+            for key, entries in items:
+                self._take_new(self.by_key[key], entries)
+
         def take(replies: list[Any]) -> None:
             # as soon as the reply is read (in the wire's callback, on hiredis): the messages
             # reach a waiting consumer before this task resumes, as if it had read them itself
@@ -395,10 +401,7 @@ class Reader:
             except Exception:
                 return  # raised below, through the group calls' error boundary
             taken = True
-            ledger.read_cancelled = False
-            self._drained = sum(len(entries) for _, entries in items) < per_stream
-            for key, entries in items:
-                self._take_new(self.by_key[key], entries)
+            settle(items)
 
         try:
             reply = await self.calls.call(
@@ -409,11 +412,8 @@ class Reader:
                 settler.riders_back(riders)  # unless their replies were read
         if taken:
             ledger.woken = False  # whom it woke has run already
-            return
-        ledger.read_cancelled = False
-        self._drained = sum(len(entries) for _, entries in reply) < per_stream
-        for key, entries in reply:
-            self._take_new(self.by_key[key], entries)
+        else:
+            settle(reply)
 
     async def _wait_rung(self, seconds: float) -> None:
         """Wait for a bell (or ``seconds``, when a poll or a claim is due)."""
