@@ -270,6 +270,7 @@ class _Replies:
             stream.__dict__.pop(name, None)
         self._future = None
         self._done = self._early = None
+        self._out = []  # not held by an idle connection until its next exchange
 
     def _feed(self, data: bytes) -> None:
         future = self._future
