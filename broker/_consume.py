@@ -104,7 +104,7 @@ async def run_consumer(
                 result = await handler(msg)
         except Exception as exc:  # the message failed, the consumer goes on
             log.warning("handler failed on %s %s: %r", msg.channel, msg.id, exc)
-            if msg.headers and REPLY_TO in msg.headers:
+            if msg._header(REPLY_TO) is not None:
                 await answer_failure(msg, exc)
             msg.nack(error=exc)
         except asyncio.CancelledError as exc:
@@ -117,7 +117,7 @@ async def run_consumer(
         else:
             # a request is answered first, then acked (at-least-once: an answer that could not
             # be sent leaves the message for a retry)
-            if msg.headers and REPLY_TO in msg.headers and not await answer_result(msg, result):
+            if msg._header(REPLY_TO) is not None and not await answer_result(msg, result):
                 return
             msg.ack()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -38,29 +37,107 @@ class Settles(Protocol):
     ) -> None: ...
 
 
-@dataclasses.dataclass(eq=False, slots=True)
 class Message(Generic[T]):
     """One entry of a channel.
 
     ``data`` is the decoded payload, or for a foreign entry (written without the ``d`` field, e.g.
     by ``redis-cli XADD``) a dict of its fields. ``deliveries`` counts how often the group handed
     this entry out (1 on first delivery). ``error`` is set only by read-only tails, when the
-    payload could not be decoded (``data`` is then the raw fields).
+    payload could not be decoded (``data`` is then the raw fields). ``headers`` and ``fields``
+    (the entry's raw fields) are dicts, made when first read for an entry that has none of its
+    own to show: a subscription's hot path allocates neither (each allocation of a container
+    feeds the garbage collector, whose full passes over a large heap cost more per message
+    than the decoding).
     """
+
+    __slots__ = (
+        "_fields",
+        "_headers",
+        "_replied",
+        "_stream",
+        "_subscription",
+        "channel",
+        "data",
+        "deliveries",
+        "error",
+        "foreign",
+        "id",
+    )
 
     id: str
     channel: str
     data: T
-    headers: dict[str, str]
-    deliveries: int = 1
-    foreign: bool = False
-    error: str | None = None
-    fields: dict[bytes, bytes] = dataclasses.field(default_factory=dict, repr=False)
-    _subscription: Settles | None = dataclasses.field(default=None, repr=False)
+    deliveries: int
+    foreign: bool
+    error: str | None
+    _subscription: Settles | None
     #: the stream (of a partition, for a partitioned channel) the entry was read from
-    _stream: Stream | None = dataclasses.field(default=None, repr=False)
+    _stream: Stream | None
     #: whether an answer to this request was sent (see :meth:`reply`)
-    _replied: bool = dataclasses.field(default=False, repr=False)
+    _replied: bool
+
+    def __init__(
+        self,
+        id: str,
+        channel: str,
+        data: T,
+        headers: dict[str, str] | None = None,
+        deliveries: int = 1,
+        foreign: bool = False,
+        error: str | None = None,
+        fields: dict[bytes, bytes] | bytes | None = None,
+        _subscription: Settles | None = None,
+        _stream: Stream | None = None,
+    ) -> None:
+        # ``fields`` as bytes is the payload of an entry whose only field is ``d`` (what
+        # publish() writes): the dict is made when read
+        self.id = id
+        self.channel = channel
+        self.data = data
+        self._headers = headers or None
+        self.deliveries = deliveries
+        self.foreign = foreign
+        self.error = error
+        self._fields = fields
+        self._subscription = _subscription
+        self._stream = _stream
+        self._replied = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers the publisher sent (an empty dict when none)."""
+        h = self._headers
+        if h is None:
+            h = self._headers = {}
+        return h
+
+    @headers.setter
+    def headers(self, value: dict[str, str]) -> None:
+        self._headers = value
+
+    @property
+    def fields(self) -> dict[bytes, bytes]:
+        """The entry's fields as stored in the stream."""
+        f = self._fields
+        if type(f) is not dict:
+            f = self._fields = {} if f is None else {b"d": f}  # type: ignore[dict-item]
+        return f
+
+    @fields.setter
+    def fields(self, value: dict[bytes, bytes]) -> None:
+        self._fields = value
+
+    def _header(self, name: str) -> str | None:
+        """One header's value, without making the dict of a message that has none."""
+        h = self._headers
+        return None if not h else h.get(name)
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(id={self.id!r}, channel={self.channel!r}, data={self.data!r}, "
+            f"headers={self.headers!r}, deliveries={self.deliveries!r}, "
+            f"foreign={self.foreign!r}, error={self.error!r})"
+        )
 
     @property
     def partition(self) -> int | None:

@@ -319,7 +319,7 @@ async def request(
 def reply_address(msg: Message[Any]) -> tuple[str, str] | None:
     """The inbox key and correlation id of a request message; None for any other message (or
     one whose address is not an inbox key: a responder never writes anywhere else)."""
-    headers = msg.headers
+    headers = msg._headers
     if not headers:
         return None
     to, cid = headers.get(REPLY_TO), headers.get(REPLY_ID)

@@ -120,7 +120,7 @@ def processing(msg: Message[Any], group: str, namespace: str | None = None) -> I
     marks it failed (and is re-raised); a cancellation of the consumer itself does not."""
     parent = None
     links: list[Link] = []
-    if TRACEPARENT in msg.headers:
+    if msg._header(TRACEPARENT) is not None:
         parent = propagate.extract(msg.headers)
         producer = trace.get_current_span(parent).get_span_context()
         if producer.is_valid:

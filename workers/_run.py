@@ -158,12 +158,12 @@ class Consumer:
         except MemoryError as exc:
             await self._fatal_error(msg, exc)  # never returns: cancelled, left pending
         except BaseException as exc:  # SystemExit too: a handler never ends the worker
-            if msg.headers and REPLY_TO in msg.headers:  # a request: answer the error at once
+            if msg._header(REPLY_TO) is not None:  # a request: answer the error at once
                 await answer_failure(msg, exc)
             self._failed(msg, exc)
         else:
             # a request is answered before consume() acks it (one not sent is nacked instead)
-            if msg.headers and REPLY_TO in msg.headers:
+            if msg._header(REPLY_TO) is not None:
                 await answer_result(msg, result)
             self.processed += 1
         finally:
