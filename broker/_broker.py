@@ -448,8 +448,9 @@ class Broker(AsyncResource):
     ) -> None:
         """Subscribe and run ``handler`` with bounded concurrency until stopped.
 
-        Prefetch is ``concurrency + read_ahead`` (default read-ahead: ``concurrency``), so the
-        next messages are at hand while a slow process still does not hoard the backlog.
+        Prefetch is ``concurrency + read_ahead`` (default read-ahead: ``3 * concurrency``, four
+        per slot as Celery's default), so the next messages are at hand while a slow process
+        still does not hoard the backlog.
         See :meth:`Subscription.consume` for the limits.
 
         Example::

@@ -38,10 +38,13 @@ class Consumable(Protocol[T]):
 
 
 def default_prefetch(concurrency: int, read_ahead: int | None = None) -> int:
-    """``concurrency`` in handlers plus a read-ahead (default: as many again), so the next
-    messages are at hand when handlers finish but a slow process does not hoard the backlog
-    (Celery's default holds 4 per slot)."""
-    extra = concurrency if read_ahead is None else read_ahead
+    """``concurrency`` in handlers plus a read-ahead (default: three times as many), so the
+    next messages are at hand when handlers finish, but a slow process does not hoard the
+    backlog: four per slot, Celery's default. Each read costs a round trip (and, on a busy
+    machine, a sleep and a wake-up of the process) whatever its size: with two per slot,
+    ``consume(concurrency=32)`` read 32-64 entries a time and reached 0.54-0.81x of the raw
+    batched baseline; with four, 0.86-0.95x."""
+    extra = 3 * concurrency if read_ahead is None else read_ahead
     if extra < 0:
         raise ValueError(f"read_ahead must be >= 0, got {read_ahead!r}")
     return concurrency + extra
