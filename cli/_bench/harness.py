@@ -365,17 +365,10 @@ async def _latencies(ctx: _Context, results: Results, note: Note) -> None:
     for rep in range(reps):
         this: dict[str, dict[int, Latency]] = {"raw": {}, "lib": {}}
         for rate in opts.rates:
-            key = ctx.key(f"latency-raw-{rate}-{rep}")
-            try:
-                got = await latency.raw(ctx.r, key, rate, opts.latency_seconds)
-            finally:
-                await ctx.unlink(key)
+            got, lib = await latency.side_by_side(
+                ctx.r, ctx.b, f"latency-{rate}-{rep}", rate, opts.latency_seconds, ctx.unlink
+            )
             per["raw"].setdefault(rate, []).append(got)
-            ch = ctx.b.channel(f"latency-lib-{rate}-{rep}")
-            try:
-                lib = await latency.library(ch, rate, opts.latency_seconds)
-            finally:
-                await ctx.unlink(ch.key)
             per["lib"].setdefault(rate, []).append(lib)
             this["raw"][rate], this["lib"][rate] = got, lib
             note(

@@ -22,7 +22,7 @@ import broker
 
 from .common import BATCH, payload, percentile
 
-__all__ = ["Latency", "combine", "library", "raw"]
+__all__ = ["Latency", "combine", "library", "raw", "side_by_side"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +102,14 @@ async def _paced(total: int, rate: int, send: Callable[[int], Coroutine[Any, Any
 async def raw(r: Any, key: str, rate: int, seconds: float) -> Latency:
     """``XADD`` each message at the rate; the consumer loops on ``XREADGROUP BLOCK`` (COUNT
     1000) and acks each batch with one ``XACK``."""
+    samples: list[float] = []
+    return _summary(rate, samples, await _raw(r, key, rate, seconds, samples))
+
+
+async def _raw(r: Any, key: str, rate: int, seconds: float, samples: list[float]) -> float:
     total = max(1, int(rate * seconds))
     await r.xgroup_create(key, "lat", id="$", mkstream=True)
-    samples: list[float] = []
+    start = len(samples)
     unpackb = msgpack.unpackb
     packb = msgpack.packb
     deadline = float("inf")
@@ -112,7 +117,7 @@ async def raw(r: Any, key: str, rate: int, seconds: float) -> Latency:
     async def consumer() -> None:
         # ends by itself (all received, or the grace period is over): cancelling a blocking
         # redis-py read is not reliable on Python 3.11
-        while len(samples) < total and time.monotonic() < deadline:
+        while len(samples) - start < total and time.monotonic() < deadline:
             reply = await r.xreadgroup("lat", "raw", {key: ">"}, count=BATCH, block=100)
             for _, entries in reply or ():
                 ids = []
@@ -130,14 +135,21 @@ async def raw(r: Any, key: str, rate: int, seconds: float) -> Latency:
         await asyncio.sleep(0.05)  # the first XREADGROUP is blocking on the server
         sent_in = await _paced(total, rate, send)
         deadline = time.monotonic() + GRACE
-    return _summary(rate, samples, sent_in)
+    return sent_in
 
 
 async def library(ch: broker.Channel[Any], rate: int, seconds: float) -> Latency:
     """``await ch.publish(data)`` at the rate; ``async for msg in subscription`` (default
     options) with ``msg.ack()``."""
-    total = max(1, int(rate * seconds))
     samples: list[float] = []
+    return _summary(rate, samples, await _library(ch, rate, seconds, samples))
+
+
+async def _library(
+    ch: broker.Channel[Any], rate: int, seconds: float, samples: list[float]
+) -> float:
+    total = max(1, int(rate * seconds))
+    start = len(samples)
     ready = asyncio.Event()
     subscription: list[broker.Subscription[Any]] = []
 
@@ -148,7 +160,7 @@ async def library(ch: broker.Channel[Any], rate: int, seconds: float) -> Latency
             async for msg in messages:
                 samples.append(time.perf_counter() - msg.data["ts"])
                 msg.ack()
-                if len(samples) >= total:
+                if len(samples) - start >= total:
                     break
 
     async def send(i: int) -> None:
@@ -162,4 +174,42 @@ async def library(ch: broker.Channel[Any], rate: int, seconds: float) -> Latency
         # stragglers: the stream ends (between messages) after the grace period
         timer = asyncio.get_running_loop().call_later(GRACE, subscription[0].stop)
     timer.cancel()
-    return _summary(rate, samples, sent_in)
+    return sent_in
+
+
+#: slices of each side in :func:`side_by_side`, in this order (each side first half the time)
+ORDER = ("raw", "lib", "lib", "raw", "lib", "raw", "raw", "lib")
+
+
+async def side_by_side(
+    r: Any,
+    b: broker.Broker,
+    prefix: str,
+    rate: int,
+    seconds: float,
+    unlink: Callable[[str], Coroutine[Any, Any, Any]],
+) -> tuple[Latency, Latency]:
+    """Raw and library latency at ``rate``, ``seconds`` each, measured in interleaved slices
+    (raw, lib, lib, raw, lib, raw, raw, lib), each side's samples pooled: a drift of the
+    machine during the run (another process, the VM's neighbours) hits both sides alike, and
+    neither always runs first. Streams are named ``prefix-...`` in the broker's namespace;
+    ``unlink`` deletes one."""
+    per = seconds / (len(ORDER) // 2)
+    samples: dict[str, list[float]] = {"raw": [], "lib": []}
+    sent: dict[str, float] = {"raw": 0.0, "lib": 0.0}
+    for i, side in enumerate(ORDER):
+        ch = b.channel(f"{prefix}-{side}-{i}")
+        if side == "raw":
+            try:
+                sent[side] += await _raw(r, ch.key, rate, per, samples[side])
+            finally:
+                await unlink(ch.key)
+        else:
+            try:
+                sent[side] += await _library(ch, rate, per, samples[side])
+            finally:
+                await unlink(ch.key)
+    return (
+        _summary(rate, samples["raw"], sent["raw"]),
+        _summary(rate, samples["lib"], sent["lib"]),
+    )
