@@ -230,6 +230,7 @@ class Topology:
             old, self.master = self.master, address
             pool.master_address = found
             assert self.single is not None
+            await self.single.drop_idle()
             for p in (pool, self.single.pool):
                 await _drop_connections(p)
             self._bump()

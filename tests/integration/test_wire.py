@@ -85,11 +85,44 @@ async def test_a_stalled_server_is_detected_and_the_connection_discarded(redis_u
             await asyncio.wait_for(wire.execute(pack(b"PING"), 1), 10)
         # the stalled connection is not reused: a fresh one answers
         assert await wire.execute(pack(b"PING"), 1) == [b"PONG"]
-        assert len(wire.pool._in_use_connections) == 0
+        # none leaked: what the pool counts in use is what waits in the wire for the next
+        # exchange, one connection, not the stalled one
+        assert set(wire.pool._in_use_connections) == set(wire._idle)
+        assert len(wire._idle) == 1 and wire._idle[0].is_connected
     finally:
         await wire.aclose()
         await client.aclose()
         await proxy.cut()
+
+
+async def test_an_idle_connection_is_reused_only_while_sound(redis_url: str) -> None:
+    """A clean exchange's connection waits in the wire for the next one (no pool checkout);
+    one the server closed meanwhile, or one a failover marked for a reconnect, is not taken
+    again, and ``drop_idle`` closes them all."""
+    client = aioredis.Redis.from_url(redis_url)
+    wire = Wire.like(client, timeout=5)
+
+    async def client_id() -> int:
+        (got,) = await wire.execute(pack(b"CLIENT", b"ID"), 1)
+        return int(got)
+
+    try:
+        first = await client_id()
+        assert await client_id() == first  # the same connection again
+        await client.client_kill_filter(_id=first)  # the server closes it while idle
+        await asyncio.sleep(0.05)
+        second = await client_id()
+        assert second != first
+        await wire.pool.update_active_connections_for_reconnect()  # what a failover does
+        third = await client_id()
+        assert third != second
+        assert len(wire._idle) == 1
+        await wire.drop_idle()
+        assert wire._idle == [] and not wire.pool._in_use_connections
+        assert await client_id() not in (first, second, third)
+    finally:
+        await wire.aclose()
+        await client.aclose()
 
 
 async def test_cancelled_mid_reply_leaves_no_unread_replies(raw: Any, redis_url: str) -> None:
