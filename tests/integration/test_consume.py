@@ -157,8 +157,9 @@ async def test_consume_peak_equals_concurrency_and_failures_are_nacked(
         await client.consume(ch, handler, group="g", concurrency=0)
 
 
+@pytest.mark.parametrize(("read_ahead", "held"), [(None, 16), (0, 4), (2, 6)])
 async def test_consume_prefetch_is_bounded_so_others_can_take_work(
-    client: broker.Broker, name: str, raw: aioredis.Redis
+    client: broker.Broker, name: str, raw: aioredis.Redis, read_ahead: int | None, held: int
 ) -> None:
     ch = client.channel(name)
     await ch.publish_many(range(100))
@@ -170,13 +171,21 @@ async def test_consume_prefetch_is_bounded_so_others_can_take_work(
     stop = broker.StopSource()
     task = asyncio.create_task(
         client.consume(
-            ch, slow, group="g", consumer="slow", start="all", concurrency=4, stop=stop.token
+            ch,
+            slow,
+            group="g",
+            consumer="slow",
+            start="all",
+            concurrency=4,
+            read_ahead=read_ahead,
+            stop=stop.token,
         )
     )
     await asyncio.sleep(0.5)
     pending = await raw.xpending(ch.key, "g")
-    # 4 in handlers + a read-ahead of 4: the other 92 stay available to other consumers
-    assert pending["pending"] == 8, pending
+    # 4 in handlers + the read-ahead (default: four per slot, 12 more): the rest of the 100
+    # stays available to other consumers
+    assert pending["pending"] == held, pending
     stop.stop()
     gate.set()
     await asyncio.wait_for(task, 10)
