@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 from types import FrameType
 
@@ -19,6 +20,31 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM ends the server like Ctrl-C: stop redis-server, exit 0
 
 
+def _wait_for_a_signal(process: subprocess.Popen[bytes]) -> int | None:
+    """Wait until Ctrl-C or SIGTERM (None) or until redis-server exits (its status).
+
+    The signals only set an event: a ``KeyboardInterrupt`` raised inside ``Popen.wait`` can
+    leave the Popen's internal wait lock held (CPython 3.11), and the ``wait`` that stopping
+    the server then makes blocks for ever (a CI run saw ``broker server`` outlive its Ctrl-C).
+    """
+    asked = threading.Event()
+
+    def ask(signum: int, frame: FrameType | None) -> None:
+        asked.set()
+
+    before = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not asked.is_set():
+            code = process.poll()
+            if code is not None:
+                return code
+            asked.wait(0.2)
+        return None
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 @click.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=6379, show_default=True)
 @click.option("--bind", default="127.0.0.1", show_default=True, help="The address to listen on.")
@@ -30,8 +56,9 @@ def server(ctx: click.Context, port: int, bind: str) -> None:
     the data lives in a temporary directory and is gone when it stops.
     """
     ctx.meta[INTERRUPT_ENDS] = True
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        signal.signal(signal.SIGTERM, _interrupt)  # until the server answers
     srv = EmbeddedServer(port=port, bind=bind)
     try:
         try:
@@ -50,7 +77,9 @@ def server(ctx: click.Context, port: int, bind: str) -> None:
         )
         process = srv.process
         assert process is not None
-        code = process.wait()
+        code = _wait_for_a_signal(process) if main else process.wait()
+        if code is None:
+            return  # Ctrl-C or SIGTERM: stopped below, exit 0
         raise UserError(f"redis-server exited with status {code}; see {srv.directory}/redis.log")
     finally:
         srv.close()

@@ -173,9 +173,10 @@ async def _processed(client: broker.Broker, n: int) -> bool:
 async def test_stop_finishes_running_handlers_and_releases_fetched_ones(
     client: broker.Broker, name: str, namespace: str, redis_url: str, raw: aioredis.Redis
 ) -> None:
-    """concurrency 1, prefetch 2: one message in the handler, one fetched but not started."""
+    """concurrency 1, prefetch 4 (four per slot): one message in the handler, three fetched
+    but not started, two not read."""
     ch = client.channel(name)
-    sent = await ch.publish_many(["a", "b", "c"])
+    sent = await ch.publish_many(["a", "b", "c", "d", "e", "f"])
     spec = spec_for(redis_url, namespace, name, "gated", grace=20)
     source = broker.StopSource()
     task = asyncio.create_task(serve(spec, 0, stop=source.token))
@@ -185,10 +186,11 @@ async def test_stop_finishes_running_handlers_and_releases_fetched_ones(
         async def pending() -> int:
             return (await raw.xpending(ch.key, "g"))["pending"]
 
-        await until(lambda: _eq(pending(), 2), "2 pending (in flight + fetched)")
+        await until(lambda: _eq(pending(), 4), "4 pending (in flight + fetched)")
         source.stop("shutdown")
-        # the fetched one is released at once, while the handler still runs
-        await until(lambda: _released(ch, sent[1]), "the fetched message released")
+        # the fetched ones are released at once, while the handler still runs
+        for fetched in sent[1:4]:
+            await until(lambda f=fetched: _released(ch, f), "the fetched messages released")
         assert not task.done() and handlers.recorded == []
         handlers.gate.set()
         outcome = await asyncio.wait_for(task, 10)
@@ -197,11 +199,11 @@ async def test_stop_finishes_running_handlers_and_releases_fetched_ones(
     assert (outcome.processed, outcome.cancelled, outcome.exit_code) == (1, 0, ExitCode.OK)
     assert handlers.started == handlers.recorded == [sent[0]]  # acked, below
     rows = await raw.xpending_range(ch.key, "g", "-", "+", 10)
-    assert [r["message_id"].decode() for r in rows] == [sent[1]]
-    # another slot takes the released one at once (not after claim_idle) and the unread one
+    assert [r["message_id"].decode() for r in rows] == sent[1:4]
+    # another slot takes the released ones at once (not after claim_idle) and the unread ones
     other = asyncio.create_task(serve(spec, 1))
     try:
-        await until(lambda: len(handlers.recorded) == 3, "3 handled")
+        await until(lambda: len(handlers.recorded) == 6, "6 handled")
     finally:
         await client.stop_source(f"workers/{spec.name}").stop("done")
         await asyncio.wait_for(other, 10)
