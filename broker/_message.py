@@ -119,8 +119,10 @@ class Message(Generic[T]):
     def fields(self) -> dict[bytes, bytes]:
         """The entry's fields as stored in the stream."""
         f = self._fields
-        if type(f) is not dict:
-            f = self._fields = {} if f is None else {b"d": f}  # type: ignore[dict-item]
+        if f is None:
+            f = self._fields = {}
+        elif isinstance(f, bytes):  # the payload alone (see __init__)
+            f = self._fields = {b"d": f}
         return f
 
     @fields.setter

@@ -99,14 +99,10 @@ async def _paced(total: int, rate: int, send: Callable[[int], Coroutine[Any, Any
     return sent
 
 
-async def raw(r: Any, key: str, rate: int, seconds: float) -> Latency:
+async def raw(r: Any, key: str, rate: int, seconds: float, samples: list[float]) -> float:
     """``XADD`` each message at the rate; the consumer loops on ``XREADGROUP BLOCK`` (COUNT
-    1000) and acks each batch with one ``XACK``."""
-    samples: list[float] = []
-    return _summary(rate, samples, await _raw(r, key, rate, seconds, samples))
-
-
-async def _raw(r: Any, key: str, rate: int, seconds: float, samples: list[float]) -> float:
+    1000) and acks each batch with one ``XACK``. Latencies (s) are appended to ``samples``;
+    returns the seconds the schedule took."""
     total = max(1, int(rate * seconds))
     await r.xgroup_create(key, "lat", id="$", mkstream=True)
     start = len(samples)
@@ -138,16 +134,11 @@ async def _raw(r: Any, key: str, rate: int, seconds: float, samples: list[float]
     return sent_in
 
 
-async def library(ch: broker.Channel[Any], rate: int, seconds: float) -> Latency:
-    """``await ch.publish(data)`` at the rate; ``async for msg in subscription`` (default
-    options) with ``msg.ack()``."""
-    samples: list[float] = []
-    return _summary(rate, samples, await _library(ch, rate, seconds, samples))
-
-
-async def _library(
+async def library(
     ch: broker.Channel[Any], rate: int, seconds: float, samples: list[float]
 ) -> float:
+    """``await ch.publish(data)`` at the rate; ``async for msg in subscription`` (default
+    options) with ``msg.ack()``. As :func:`raw` for ``samples`` and the result."""
     total = max(1, int(rate * seconds))
     start = len(samples)
     ready = asyncio.Event()
@@ -199,16 +190,13 @@ async def side_by_side(
     sent: dict[str, float] = {"raw": 0.0, "lib": 0.0}
     for i, side in enumerate(ORDER):
         ch = b.channel(f"{prefix}-{side}-{i}")
-        if side == "raw":
-            try:
-                sent[side] += await _raw(r, ch.key, rate, per, samples[side])
-            finally:
-                await unlink(ch.key)
-        else:
-            try:
-                sent[side] += await _library(ch, rate, per, samples[side])
-            finally:
-                await unlink(ch.key)
+        try:
+            if side == "raw":
+                sent[side] += await raw(r, ch.key, rate, per, samples[side])
+            else:
+                sent[side] += await library(ch, rate, per, samples[side])
+        finally:
+            await unlink(ch.key)
     return (
         _summary(rate, samples["raw"], sent["raw"]),
         _summary(rate, samples["lib"], sent["lib"]),

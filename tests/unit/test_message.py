@@ -3,6 +3,8 @@ entries freed as they are decoded, the same outcome as the general decoder."""
 
 from __future__ import annotations
 
+import collections
+
 import msgpack
 
 import broker
@@ -64,3 +66,8 @@ def test_the_constructor_takes_what_it_took_before() -> None:
     assert msg.fields == {b"d": b"x"} and not msg.foreign and msg.error is None
     bare = broker.Message("1-1", "c", None, {})
     assert bare.headers == {} and bare.fields == {} and bare.deliveries == 1
+
+
+def test_fields_given_as_a_dict_subclass_are_kept_as_given() -> None:
+    fields = collections.OrderedDict([(b"d", b"x"), (b"h", b"y")])
+    assert broker.Message("1-0", "c", None, {}, fields=fields).fields is fields
